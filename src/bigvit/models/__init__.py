@@ -1,0 +1,4 @@
+from bigvit.models.registry import build_model, count_params, list_models, model_config
+from bigvit.models.vit import ConfigError, ViT, ViTConfig
+
+__all__ = ["ConfigError", "ViT", "ViTConfig", "build_model", "count_params", "list_models", "model_config"]

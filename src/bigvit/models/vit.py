@@ -1,0 +1,275 @@
+"""One configurable Vision Transformer, from ViT-Ti to ViT-22B.
+
+Plain nn.Module code: nothing here knows about process groups or sharding. Tensor reshapes use
+-1 for the head count so that a tensor-parallel transform can hand each rank a subset of heads.
+The fused QKV projection stores its output rows head-interleaved, (heads, 3, head_dim), so a
+column-wise split across ranks keeps whole heads together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bigvit.models.attention import ATTN_IMPLS, attention
+
+POOLS = ("cls", "gap", "map")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key, the value and the valid set."""
+
+
+@dataclass
+class ViTConfig:
+    """Architecture of a ViT; field names are the keys of conf/model/*.yaml."""
+
+    name: str = "vit"
+    image_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    width: int = 768
+    depth: int = 12
+    mlp_dim: int = 3072
+    heads: int = 12
+    num_classes: int = 1000
+    class_token: bool = True
+    pool: str = "cls"
+    num_registers: int = 0
+    qkv_bias: bool = True
+    proj_bias: bool = True
+    mlp_bias: bool = True
+    norm_bias: bool = True
+    qk_norm: bool = False
+    parallel_block: bool = False
+    layer_scale: float | None = None
+    drop_path: float = 0.0
+    norm_eps: float = 1e-6
+    attn_impl: str = "auto"
+
+    def __post_init__(self):
+        positive = ("image_size", "patch_size", "in_chans", "width", "depth", "mlp_dim", "heads")
+        for key in positive:
+            if int(getattr(self, key)) <= 0:
+                raise ConfigError(f"model.{key}={getattr(self, key)} must be a positive integer")
+        if self.width % self.heads:
+            divisors = [h for h in range(1, min(self.width, 128) + 1) if self.width % h == 0]
+            raise ConfigError(
+                f"model.heads={self.heads} does not divide model.width={self.width}; "
+                f"valid head counts include {divisors}"
+            )
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"model.patch_size={self.patch_size} does not divide model.image_size={self.image_size}"
+            )
+        if self.pool not in POOLS:
+            raise ConfigError(f"model.pool={self.pool!r} is not one of {list(POOLS)}")
+        if self.pool == "cls" and not self.class_token:
+            raise ConfigError("model.pool='cls' needs model.class_token=true; use pool=gap or pool=map")
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ConfigError(f"model.attn_impl={self.attn_impl!r} is not one of {list(ATTN_IMPLS)}")
+        if self.num_classes < 0 or self.num_registers < 0 or not 0.0 <= self.drop_path < 1.0:
+            raise ConfigError(
+                f"model.num_classes={self.num_classes}, model.num_registers={self.num_registers} must be "
+                f">= 0 and model.drop_path={self.drop_path} in [0, 1)"
+            )
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ViTConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown model key(s) {unknown}; valid keys are {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.class_token) + self.num_registers
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_patches + self.num_prefix_tokens
+
+
+def layer_norm(cfg: ViTConfig, dim: int | None = None) -> nn.LayerNorm:
+    return nn.LayerNorm(dim or cfg.width, eps=cfg.norm_eps, bias=cfg.norm_bias)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch per sample while training."""
+
+    def __init__(self, prob: float):
+        super().__init__()
+        self.prob = prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init_value: float):
+        super().__init__()
+        self.init_value = init_value
+        self.gamma = nn.Parameter(torch.full((dim,), init_value))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.attn_impl = cfg.attn_impl
+        self.qkv = nn.Linear(cfg.width, 3 * cfg.width, bias=cfg.qkv_bias)
+        self.q_norm = layer_norm(cfg, cfg.head_dim) if cfg.qk_norm else nn.Identity()
+        self.k_norm = layer_norm(cfg, cfg.head_dim) if cfg.qk_norm else nn.Identity()
+        self.proj = nn.Linear(cfg.width, cfg.width, bias=cfg.proj_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens = x.shape[:2]
+        q, k, v = self.qkv(x).view(batch, tokens, -1, 3, self.head_dim).unbind(dim=3)
+        out = attention(self.q_norm(q), self.k_norm(k), v, self.attn_impl)
+        return self.proj(out.reshape(batch, tokens, -1))
+
+
+class Mlp(nn.Module):
+    def __init__(self, width: int, hidden: int, bias: bool = True):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden, bias=bias)
+        self.fc2 = nn.Linear(hidden, width, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-LN block; with `parallel_block` one shared LayerNorm feeds attention and MLP side by side
+    (ViT-22B: y = x + attn(ln(x)) + mlp(ln(x)))."""
+
+    def __init__(self, cfg: ViTConfig, drop_path: float):
+        super().__init__()
+        self.parallel = cfg.parallel_block
+        self.norm1 = layer_norm(cfg)
+        self.attn = Attention(cfg)
+        self.norm2 = nn.Identity() if self.parallel else layer_norm(cfg)
+        self.mlp = Mlp(cfg.width, cfg.mlp_dim, bias=cfg.mlp_bias)
+        scale = (lambda: LayerScale(cfg.width, cfg.layer_scale)) if cfg.layer_scale else nn.Identity
+        self.ls1, self.ls2 = scale(), scale()
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.parallel:
+            h = self.norm1(x)
+            return x + self.drop_path(self.ls1(self.attn(h)) + self.ls2(self.mlp(h)))
+        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+
+
+class MAPHead(nn.Module):
+    """Multihead attention pooling (big_vision's MAPHead, timm's AttentionPoolLatent): a learned probe
+    attends over all tokens, then a residual MLP."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.attn_impl = cfg.attn_impl
+        self.probe = nn.Parameter(torch.zeros(1, 1, cfg.width))
+        self.q = nn.Linear(cfg.width, cfg.width)
+        self.kv = nn.Linear(cfg.width, 2 * cfg.width)
+        self.proj = nn.Linear(cfg.width, cfg.width)
+        self.norm = layer_norm(cfg)
+        self.mlp = Mlp(cfg.width, cfg.mlp_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens = x.shape[:2]
+        q = self.q(self.probe.expand(batch, -1, -1)).view(batch, 1, -1, self.head_dim)
+        k, v = self.kv(x).view(batch, tokens, -1, 2, self.head_dim).unbind(dim=3)
+        out = self.proj(attention(q, k, v, self.attn_impl).reshape(batch, 1, -1))
+        out = out + self.mlp(self.norm(out))
+        return out[:, 0]
+
+
+class ViT(nn.Module):
+    """Patch embedding → [class token, registers] + learned positions → blocks → norm → pool → head."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.width, cfg.patch_size, stride=cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width)) if cfg.class_token else None
+        self.reg_tokens = (
+            nn.Parameter(torch.zeros(1, cfg.num_registers, cfg.width)) if cfg.num_registers else None
+        )
+        # Positions cover the class token and the patches; registers carry none (as in DINOv2).
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + int(cfg.class_token), cfg.width))
+        # Stochastic depth grows linearly with depth (plain floats: this may run under a meta device).
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList(Block(cfg, rate) for rate in rates)
+        self.norm = layer_norm(cfg)
+        self.map_head = MAPHead(cfg) if cfg.pool == "map" else None
+        self.head = nn.Linear(cfg.width, cfg.num_classes) if cfg.num_classes else nn.Identity()
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = x + self.pos_embed
+        if self.reg_tokens is not None:
+            x = torch.cat([x[:, :1], self.reg_tokens.expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)
+        return x
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.pool == "cls":
+            return x[:, 0]
+        if self.cfg.pool == "gap":
+            return x[:, self.cfg.num_prefix_tokens :].mean(dim=1)
+        return self.map_head(x)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.embed(images)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.forward_features(images)))
+
+    @torch.no_grad()
+    def init_parameter_(self, name: str, tensor: torch.Tensor, generator: torch.Generator) -> None:
+        """Fill `tensor` (a full, unsharded tensor shaped like parameter `name`) with its initial value.
+
+        One rule per parameter name keeps initialization independent of how the model is later
+        sharded: the caller draws the full tensor from a per-parameter generator, then shards it.
+        """
+        leaf = name.rsplit(".", 1)[-1]
+        if name == "head.weight":
+            tensor.zero_()  # zero-init classifier, as big_vision
+        elif leaf == "bias":
+            tensor.zero_()
+        elif leaf == "gamma":
+            tensor.fill_(self.cfg.layer_scale)
+        elif tensor.ndim == 1:  # LayerNorm weights
+            tensor.fill_(1.0)
+        elif leaf in ("cls_token", "reg_tokens"):
+            tensor.normal_(0.0, 1e-6, generator=generator)
+        else:  # linear/conv kernels, position embeddings, MAP probe
+            nn.init.trunc_normal_(tensor, std=0.02, generator=generator)
