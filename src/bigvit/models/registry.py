@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from bigvit.errors import ConfigError
 from bigvit.models.vit import ViT, ViTConfig
 
 MODEL_CONF_DIR = Path(__file__).resolve().parent.parent / "conf" / "model"
@@ -23,14 +24,17 @@ def model_config(name_or_cfg: str | dict | ViTConfig, **overrides) -> ViTConfig:
     elif isinstance(name_or_cfg, str):
         path = MODEL_CONF_DIR / f"{name_or_cfg}.yaml"
         if not path.is_file():
-            raise ValueError(f"unknown model {name_or_cfg!r}; available models: {', '.join(list_models())}")
+            raise ConfigError(f"unknown model {name_or_cfg!r}; available models: {', '.join(list_models())}")
         values = yaml.safe_load(path.read_text())
+        values.pop("defaults", None)  # the Hydra schema reference; its defaults are ViTConfig's own
     else:
         values = dict(name_or_cfg)
     return ViTConfig.from_dict({**values, **overrides})
 
 
-def build_model(name_or_cfg: str | dict | ViTConfig, device: str | torch.device | None = None, **overrides) -> ViT:
+def build_model(
+    name_or_cfg: str | dict | ViTConfig, device: str | torch.device | None = None, **overrides
+) -> ViT:
     """Build a ViT. With device="meta" no memory is allocated (sizes, planning, later sharding)."""
     cfg = model_config(name_or_cfg, **overrides)
     with torch.device(device or "cpu"):

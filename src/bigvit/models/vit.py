@@ -14,13 +14,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bigvit.errors import ConfigError
 from bigvit.models.attention import ATTN_IMPLS, attention
 
 POOLS = ("cls", "gap", "map")
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names the key, the value and the valid set."""
 
 
 @dataclass

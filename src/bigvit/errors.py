@@ -1,0 +1,5 @@
+"""Errors that mean "the input is wrong", reported to the user as one line (no traceback)."""
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key, the value and the valid set."""

@@ -1,0 +1,16 @@
+"""Gradient clipping by the true global norm, whether gradients are plain tensors or DTensors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch.distributed.tensor import DTensor
+
+
+def clip_grad_norm_(params: Iterable[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor:
+    """Clip in place (when max_norm is set) and return the global gradient norm before clipping."""
+    params = [p for p in params if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"), foreach=True)
+    # Sharded gradients give a DTensor norm whose value is only complete once redistributed.
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm

@@ -1,0 +1,65 @@
+"""The device mesh: dp_replicate × dp_shard × cp × tp, from the `parallel` config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from bigvit.errors import ConfigError
+
+DIM_NAMES = ("dp_replicate", "dp_shard", "cp", "tp")
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    dp_replicate: int
+    dp_shard: int
+    cp: int
+    tp: int
+
+    @property
+    def world_size(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.cp * self.tp
+
+    @property
+    def dp(self) -> int:
+        """Number of distinct data streams: ranks within a cp×tp group see the same batch."""
+        return self.dp_replicate * self.dp_shard
+
+
+def resolve_dims(cfg, world_size: int) -> ParallelDims:
+    """Degrees from config with at most one -1 filled from the world size; errors name the bad key."""
+    degrees = {name: int(cfg.get(name, 1)) for name in DIM_NAMES}
+    bad = {k: v for k, v in degrees.items() if v == 0 or v < -1}
+    if bad:
+        raise ConfigError(f"parallel degrees must be positive or -1 (fill); got {bad}")
+    fill = [k for k, v in degrees.items() if v == -1]
+    if len(fill) > 1:
+        raise ConfigError(f"only one parallel degree may be -1; got {fill}")
+    fixed = 1
+    for value in degrees.values():
+        fixed *= value if value > 0 else 1
+    if fill:
+        if world_size % fixed:
+            raise ConfigError(
+                f"parallel.{fill[0]}=-1 cannot fill world size {world_size}: the other degrees "
+                f"{ {k: v for k, v in degrees.items() if v > 0} } multiply to {fixed}, which does not divide it"
+            )
+        degrees[fill[0]] = world_size // fixed
+    dims = ParallelDims(**degrees)
+    if dims.world_size != world_size:
+        raise ConfigError(
+            f"parallel layout dp_replicate×dp_shard×cp×tp = {'×'.join(str(degrees[k]) for k in DIM_NAMES)} "
+            f"= {dims.world_size} ranks, but the world size is {world_size}; set one degree to -1 to fill"
+        )
+    return dims
+
+
+def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
+    return init_device_mesh(device_type, tuple(getattr(dims, n) for n in DIM_NAMES), mesh_dim_names=DIM_NAMES)
+
+
+def dp_mesh(mesh: DeviceMesh, dims: ParallelDims) -> DeviceMesh:
+    """The mesh FSDP shards over: 1-D dp_shard, or 2-D (dp_replicate, dp_shard) for HSDP."""
+    return mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]

@@ -1,0 +1,118 @@
+"""The ordered recipe that turns a plain ViT into a parallel one.
+
+    tensor/sequence parallel → activation checkpointing → torch.compile → data parallel (FSDP2 | DDP)
+
+Each step is a small `apply_*` function; the model file holds no parallel code. A strategy is a
+name in STRATEGIES plus a conf/parallel/*.yaml, never a branch in the trainer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+from torch.distributed._composable.replicate import replicate
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+from bigvit.errors import ConfigError
+from bigvit.parallel.mesh import ParallelDims, dp_mesh
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+AC_MODES = ("none", "full", "selective")
+
+
+def apply_ac(model: nn.Module, mode: str, every: int = 1) -> None:
+    """Activation checkpointing of whole blocks: all of them (`full`) or every `every`-th (`selective`)."""
+    if mode not in AC_MODES:
+        raise ConfigError(f"parallel.activation_checkpointing={mode!r} is not one of {list(AC_MODES)}")
+    if mode == "none":
+        return
+    stride = 1 if mode == "full" else max(int(every), 1)
+    for index, block in enumerate(model.blocks):
+        if index % stride == 0:
+            model.blocks[index] = checkpoint_wrapper(block, preserve_rng_state=True)
+
+
+def apply_compile(model: nn.Module) -> None:
+    """Compile each block separately: blocks are identical, so one graph is reused and compile stays short."""
+    for index, block in enumerate(model.blocks):
+        model.blocks[index] = torch.compile(block)
+
+
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, cfg, precision: str) -> None:
+    """FSDP2: shard each block, then the root (embeddings, final norm, heads)."""
+    policy = MixedPrecisionPolicy(param_dtype=DTYPES[precision], reduce_dtype=DTYPES[cfg.reduce_dtype])
+    # Pinned host memory needs an accelerator; on a CPU-only machine offload without pinning.
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cfg.cpu_offload else OffloadPolicy()
+    reshard = cfg.reshard_after_forward
+    for index, block in enumerate(model.blocks):
+        # The last block's parameters are needed again at once by backward: keep them gathered.
+        last = index == len(model.blocks) - 1
+        fully_shard(
+            block,
+            mesh=mesh,
+            mp_policy=policy,
+            offload_policy=offload,
+            reshard_after_forward=False if last and reshard is True else reshard,
+        )
+    fully_shard(model, mesh=mesh, mp_policy=policy, offload_policy=offload, reshard_after_forward=reshard)
+
+
+def apply_ddp(model: nn.Module, mesh: DeviceMesh) -> None:
+    replicate(model, device_mesh=mesh)
+
+
+def wrap_fsdp(model: nn.Module, mesh: DeviceMesh, dims: ParallelDims, cfg, precision: str) -> None:
+    apply_fsdp(model, dp_mesh(mesh, dims), cfg, precision)
+
+
+def wrap_ddp(model: nn.Module, mesh: DeviceMesh, dims: ParallelDims, cfg, precision: str) -> None:
+    if dims.dp_shard > 1 or dims.cp > 1 or dims.tp > 1:
+        raise ConfigError(f"parallel=ddp replicates only; use dp_replicate=-1, got {dims}")
+    apply_ddp(model, mesh["dp_replicate"])
+
+
+def wrap_single(model: nn.Module, mesh: DeviceMesh | None, dims: ParallelDims, cfg, precision: str) -> None:
+    if dims.world_size > 1:
+        raise ConfigError(
+            f"parallel=single runs one process, but the world size is {dims.world_size}; "
+            "use parallel=fsdp or parallel=ddp under torchrun"
+        )
+
+
+STRATEGIES: dict[str, Callable] = {"fsdp": wrap_fsdp, "ddp": wrap_ddp, "single": wrap_single}
+# Strategies that cast parameters themselves; the others run the forward under autocast.
+CASTS_PARAMS = {"fsdp"}
+
+
+def parallelize(
+    model: nn.Module, mesh: DeviceMesh | None, dims: ParallelDims, cfg, precision: str
+) -> nn.Module:
+    """Apply the configured layout to a meta-device ViT, in place and in the fixed order; returns the model."""
+    if cfg.strategy not in STRATEGIES:
+        raise ConfigError(f"parallel.strategy={cfg.strategy!r} is not one of {sorted(STRATEGIES)}")
+    apply_ac(model, cfg.activation_checkpointing, cfg.get("ac_every", 1))
+    if cfg.compile:
+        apply_compile(model)
+    if mesh is not None or cfg.strategy == "single":
+        STRATEGIES[cfg.strategy](model, mesh, dims, cfg, precision)
+    return model
+
+
+def autocast_context(
+    strategy: str, precision: str, device: torch.device
+) -> Callable[[], contextlib.AbstractContextManager]:
+    """Mixed precision for the forward pass: autocast unless the strategy already casts parameters."""
+    if precision == "fp32" or strategy in CASTS_PARAMS:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=DTYPES[precision])
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """Skip gradient communication on accumulation micro-steps (no-op for a single process)."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(enabled)

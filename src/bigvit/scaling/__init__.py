@@ -1,0 +1,1 @@
+"""Sizes of a ViT from its config alone: parameters and FLOPs, for MFU and memory planning."""

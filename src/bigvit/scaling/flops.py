@@ -1,0 +1,132 @@
+"""Closed-form parameter counts and FLOPs of a ViT, from its ViTConfig alone (no model is built).
+
+This module is the single source of truth for sizes: the trainer's MFU and the memory planner read it.
+
+FLOP convention:
+- Only matrix multiplications count, each multiply-accumulate as 2 FLOPs: the patch-embedding conv,
+  QKV, attention scores QK^T and attention x V (over all tokens, class and register tokens included),
+  the attention out-projection, MLP fc1/fc2, the MAP head (probe query, keys/values over all tokens,
+  one-query attention, projection, MLP) and the classifier. Bias adds, LayerNorms, GELU, softmax,
+  residuals, layer scale and position embeddings are elementwise and left out: about 1% of the
+  FLOPs of ViT-Ti and less for larger models, and memory-bound, so MFU conventionally omits them.
+- Attention FLOPs are those of dense (non-causal) attention, whatever kernel runs it.
+- Training costs 3x the forward (the backward computes gradients for both activations and weights,
+  2x the forward); full activation checkpointing adds one more forward of the transformer blocks.
+  Autograd actually skips the patch conv's input gradient (images need none), a fraction of a percent
+  that this convention keeps, as the usual 6 x params x tokens estimate does.
+- All FLOPs are per step for `batch` images (per image by default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from bigvit.models.vit import ViTConfig
+
+
+def _norm_params(cfg: ViTConfig, dim: int) -> int:
+    return dim * (1 + int(cfg.norm_bias))
+
+
+def _linear_params(fan_in: int, fan_out: int, bias: bool) -> int:
+    return fan_in * fan_out + fan_out * int(bias)
+
+
+def _mlp_params(width: int, hidden: int, bias: bool) -> int:
+    return _linear_params(width, hidden, bias) + _linear_params(hidden, width, bias)
+
+
+def block_param_count(cfg: ViTConfig) -> int:
+    """Parameters of one transformer block (all blocks are the same size)."""
+    w = cfg.width
+    attn = _linear_params(w, 3 * w, cfg.qkv_bias) + _linear_params(w, w, cfg.proj_bias)
+    if cfg.qk_norm:
+        attn += 2 * _norm_params(cfg, cfg.head_dim)
+    # A parallel block shares one LayerNorm between attention and MLP.
+    norms = (1 if cfg.parallel_block else 2) * _norm_params(cfg, w)
+    # LayerScale exists only for a truthy init value (None or 0.0 disables it, as in Block).
+    scales = 2 * w if cfg.layer_scale else 0
+    return attn + _mlp_params(w, cfg.mlp_dim, cfg.mlp_bias) + norms + scales
+
+
+def _map_head_params(cfg: ViTConfig) -> int:
+    w = cfg.width
+    # The MAP head always has biases, whatever the block options (big_vision's MAPHead).
+    probe_attn = w + _linear_params(w, w, True) + _linear_params(w, 2 * w, True) + _linear_params(w, w, True)
+    return probe_attn + _norm_params(cfg, w) + _mlp_params(w, cfg.mlp_dim, True)
+
+
+def param_breakdown(cfg: ViTConfig) -> dict[str, int]:
+    """Parameters by part of the model; the values sum to `param_count(cfg)`.
+
+    Keys: embed (patch conv, class token, registers, position embeddings), blocks (all of them),
+    norm (final LayerNorm), map_head (0 unless pool='map'), head (classifier, 0 when num_classes=0).
+    """
+    w = cfg.width
+    patch_conv = _linear_params(cfg.in_chans * cfg.patch_size**2, w, True)
+    # Positions cover the class token and the patches, not the registers (see ViT.__init__).
+    positions = (cfg.num_patches + int(cfg.class_token)) * w
+    return {
+        "embed": patch_conv + cfg.num_prefix_tokens * w + positions,
+        "blocks": cfg.depth * block_param_count(cfg),
+        "norm": _norm_params(cfg, w),
+        "map_head": _map_head_params(cfg) if cfg.pool == "map" else 0,
+        "head": _linear_params(w, cfg.num_classes, True) if cfg.num_classes else 0,
+    }
+
+
+def param_count(cfg: ViTConfig) -> int:
+    """Exact number of parameters of `ViT(cfg)`, equal to `count_params(ViT(cfg))`."""
+    return sum(param_breakdown(cfg).values())
+
+
+def _at_resolution(cfg: ViTConfig, image_size: int | None) -> ViTConfig:
+    # dataclasses.replace re-runs ViTConfig validation, so a bad image_size fails here with its value.
+    return cfg if image_size is None else dataclasses.replace(cfg, image_size=image_size)
+
+
+def block_forward_flops(cfg: ViTConfig, tokens: int) -> int:
+    """Forward FLOPs of one transformer block on one image of `tokens` tokens."""
+    w = cfg.width
+    qkv, proj, mlp = 2 * tokens * w * 3 * w, 2 * tokens * w * w, 2 * 2 * tokens * w * cfg.mlp_dim
+    scores_and_values = 2 * 2 * tokens * tokens * w
+    return qkv + scores_and_values + proj + mlp
+
+
+def _map_head_forward_flops(cfg: ViTConfig, tokens: int) -> int:
+    w = cfg.width
+    # One probe query: its projections are per image, keys/values are per token.
+    query_and_proj, keys_values = 2 * 2 * w * w, 2 * tokens * w * 2 * w
+    scores_and_values, mlp = 2 * 2 * tokens * w, 2 * 2 * w * cfg.mlp_dim
+    return query_and_proj + keys_values + scores_and_values + mlp
+
+
+def forward_flops_breakdown(cfg: ViTConfig, image_size: int | None = None) -> dict[str, int]:
+    """Forward FLOPs of one image by part (patch_embed, blocks, map_head, head); they sum to forward_flops.
+
+    `image_size` overrides cfg.image_size: the token count changes, positional embeddings are not
+    resampled (interpolation is elementwise and not counted).
+    """
+    cfg = _at_resolution(cfg, image_size)
+    w, tokens = cfg.width, cfg.num_tokens
+    return {
+        "patch_embed": 2 * cfg.num_patches * cfg.in_chans * cfg.patch_size**2 * w,
+        "blocks": cfg.depth * block_forward_flops(cfg, tokens),
+        "map_head": _map_head_forward_flops(cfg, tokens) if cfg.pool == "map" else 0,
+        "head": 2 * w * cfg.num_classes,
+    }
+
+
+def forward_flops(cfg: ViTConfig, image_size: int | None = None, batch: int = 1) -> int:
+    """Matmul FLOPs (2 x multiply-accumulates) of a forward pass over `batch` images."""
+    return batch * sum(forward_flops_breakdown(cfg, image_size).values())
+
+
+def train_flops(
+    cfg: ViTConfig, image_size: int | None = None, batch: int = 1, recompute: bool = False
+) -> int:
+    """FLOPs of one training step over `batch` images: forward + backward (2x forward), plus one more
+    forward of the blocks when `recompute` (full activation checkpointing)."""
+    parts = forward_flops_breakdown(cfg, image_size)
+    extra = parts["blocks"] if recompute else 0
+    return batch * (3 * sum(parts.values()) + extra)

@@ -1,0 +1,3 @@
+from bigvit.train.cli import main
+
+main()

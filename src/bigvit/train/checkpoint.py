@@ -1,0 +1,132 @@
+"""torch.distributed.checkpoint save/resume: atomic, with retention, resharding-friendly.
+
+A checkpoint is a directory `step_%08d` written first as `step_%08d.tmp` and renamed once every
+rank has finished and the metadata is on disk: a crash or SIGTERM mid-save leaves the previous
+checkpoint as the newest usable one. Model and optimizer states are saved by fully-qualified name
+(DTensor shards and all), so a checkpoint loads under another layout or world size. Per-rank state
+(data position, RNG) is stored under per-rank keys.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from bigvit.parallel.distributed import barrier
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+META_FILE = "bigvit.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first (temp dirs of interrupted saves are ignored)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / ".metadata").is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def rank_key(rank: int) -> str:
+    return f"rank{rank}"
+
+
+class Checkpointer:
+    def __init__(self, root: str | Path, rank: int, keep: int = 2):
+        self.root, self.rank, self.keep = Path(root), rank, keep
+
+    def latest(self) -> Path | None:
+        found = checkpoint_dirs(self.root)
+        return found[-1] if found else None
+
+    def save(self, step: int, model, optimizer, rank_state: dict, meta: dict) -> Path:
+        """Write a checkpoint of `step` (collective: every rank calls it)."""
+        final = self.root / f"step_{step:08d}"
+        tmp = final.with_name(final.name + ".tmp")
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        model_state, optim_state = get_state_dict(model, optimizer)
+        # Per-rank state goes in as one pickled blob under a key no other rank writes.
+        state = {
+            "model": model_state,
+            "optim": optim_state,
+            "step": step,
+            rank_key(self.rank): pickle.dumps(rank_state),
+        }
+        start = time.perf_counter()
+        dcp.save(state, checkpoint_id=str(tmp))
+        if self.rank == 0:
+            meta = {
+                **meta,
+                "step": step,
+                "saved_at": time.time(),
+                "save_seconds": time.perf_counter() - start,
+            }
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            for old in checkpoint_dirs(self.root)[: -self.keep] if self.keep > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier()
+        return final
+
+    def load(self, path: str | Path, model, optimizer, expect: dict | None = None) -> tuple[int, dict | None]:
+        """Load `path` into model and optimizer; returns (step, this rank's saved state or None).
+
+        `expect` (e.g. the model config) must equal what the checkpoint recorded; otherwise a
+        CheckpointError names the differing keys.
+        """
+        path = Path(path)
+        if not (path / ".metadata").is_file():
+            raise CheckpointError(
+                f"{path} is not a complete checkpoint (no .metadata); "
+                f"complete ones here: {[p.name for p in checkpoint_dirs(path.parent)]}"
+            )
+        saved = json.loads((path / META_FILE).read_text()) if (path / META_FILE).is_file() else {}
+        for key, value in (expect or {}).items():
+            if key in saved and saved[key] != value:
+                diff = (
+                    value
+                    if not isinstance(value, dict)
+                    else {k: (saved[key].get(k), v) for k, v in value.items() if saved[key].get(k) != v}
+                )
+                raise CheckpointError(
+                    f"checkpoint {path} is incompatible: {key} differs (saved, now): {diff}"
+                )
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optim": optim_state, "step": 0}
+        # Data positions and RNG streams belong to a rank of one layout: restore them only at the same world size.
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+        own_key = rank_key(self.rank)
+        if saved.get("world_size") == world_size:
+            state[own_key] = b""
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        return int(state["step"]), pickle.loads(state[own_key]) if own_key in state else None
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

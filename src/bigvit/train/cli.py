@@ -1,0 +1,104 @@
+"""`bigvit-train`: compose the Hydra config, set up the process group and run directory, then fit."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from bigvit.config import register_schemas
+from bigvit.errors import ConfigError
+from bigvit.parallel.distributed import DistEnv, broadcast_object, init_distributed, teardown
+from bigvit.train.checkpoint import CheckpointError
+from bigvit.train.trainer import Trainer
+
+# An absolute path: the config tree is data (conf/, linked into the package), not an importable module.
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, MissingMandatoryValue)
+
+
+register_schemas()
+
+
+def setup_logging(env: DistEnv) -> None:
+    """Progress on rank 0; other ranks report warnings and errors only, prefixed with their rank."""
+    logger = logging.getLogger("bigvit")
+    logger.handlers.clear()
+    handler = logging.StreamHandler(sys.stdout)
+    prefix = "" if env.is_main else f"[rank {env.rank}] "
+    handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(message)s", datefmt="%H:%M:%S"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if env.is_main else logging.WARNING)
+    logger.propagate = False
+
+
+def git_state() -> dict:
+    def git(*args: str) -> str:
+        result = subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent)
+        return result.stdout.strip() if result.returncode == 0 else ""
+
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+    }
+
+
+def resolve_run_dir(cfg: DictConfig, env: DistEnv) -> Path:
+    """trainer.run_dir, or outputs/<date>/<time>_<name>[_<sweep job>] decided on rank 0 for all ranks."""
+    run_dir = cfg.trainer.run_dir
+    if not run_dir:
+        stamp = time.strftime("%Y-%m-%d/%H-%M-%S")
+        suffix = ""
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            suffix = f"_{HydraConfig.get().job.num}"
+        run_dir = broadcast_object(f"outputs/{stamp}_{cfg.trainer.name}{suffix}")
+    path = Path(run_dir)
+    if env.is_main:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        run_info = {
+            "argv": sys.argv,
+            "git": git_state(),
+            "world_size": env.world_size,
+            "started": time.time(),
+        }
+        (path / "run.json").write_text(json.dumps(run_info, indent=1))
+    return path
+
+
+def run(cfg: DictConfig) -> dict:
+    env = init_distributed(cfg.trainer.dist_timeout_s)
+    setup_logging(env)
+    try:
+        run_dir = resolve_run_dir(cfg, env)
+        summary = Trainer(cfg, env, run_dir).fit()
+        logging.getLogger("bigvit").info("done: %s", json.dumps(summary))
+        return summary
+    finally:
+        teardown()
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def hydra_main(cfg: DictConfig) -> float | None:
+    try:
+        summary = run(cfg)
+    except USER_ERRORS as error:
+        raise SystemExit(f"bigvit: error: {error}") from None
+    return summary.get("eval_top1")  # the objective a sweeper optimizes
+
+
+def main() -> None:
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()

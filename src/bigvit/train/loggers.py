@@ -1,0 +1,129 @@
+"""Run loggers: console lines on rank 0, and Weights & Biases (online, offline or disabled)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import netrc
+import os
+import uuid
+from pathlib import Path
+
+log = logging.getLogger("bigvit")
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def console_line(step: int, max_steps: int, metrics: dict, eta_seconds: float) -> str:
+    parts = [f"step {step}/{max_steps}"]
+    fields = (
+        ("loss", "loss {:.4f}"),
+        ("lr", "lr {:.2e}"),
+        ("grad_norm", "gnorm {:.3f}"),
+        ("images_per_sec", "{:.0f} img/s"),
+        ("mfu", "mfu {:.1%}"),
+    )
+    parts += [fmt.format(metrics[key]) for key, fmt in fields if key in metrics]
+    parts.append(f"eta {format_duration(eta_seconds)}")
+    return " | ".join(parts)
+
+
+def wandb_mode(mode: str) -> str:
+    """`auto` → online when an API key is configured (env or ~/.netrc), else offline."""
+    if mode != "auto":
+        return mode
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        has_key = netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        has_key = False
+    return "online" if has_key else "offline"
+
+
+class WandbLogger:
+    """Rank-0 W&B run in `<run_dir>/wandb`; the run id is kept in the run dir so a resumed run continues it."""
+
+    def __init__(self, cfg, run_dir: Path, config: dict):
+        self.mode = wandb_mode(cfg.mode)
+        self.run = None
+        if self.mode == "disabled":
+            return
+        import wandb
+
+        id_file = run_dir / "wandb_id.txt"
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
+        id_file.write_text(run_id)
+        self.run = wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            name=cfg.name or run_dir.name,
+            group=cfg.group,
+            tags=list(cfg.tags),
+            config=config,
+            dir=str(run_dir),
+            mode=self.mode,
+            id=run_id,
+            resume="allow",
+        )
+        log.info("W&B %s run %s in %s", self.mode, run_id, self.run.dir)
+
+    def log(self, metrics: dict, step: int) -> None:
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def summary(self, values: dict) -> None:
+        if self.run is not None:
+            self.run.summary.update(values)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+class JsonlLogger:
+    """Every logged step as one JSON line in `<run_dir>/metrics.jsonl`: readable without W&B, easy to plot."""
+
+    def __init__(self, path: Path):
+        self.file = path.open("a", buffering=1)
+
+    def log(self, metrics: dict, step: int) -> None:
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def summary(self, values: dict) -> None:
+        pass
+
+    def finish(self) -> None:
+        self.file.close()
+
+
+class Loggers:
+    """Fan-out to several loggers; empty on ranks other than 0."""
+
+    def __init__(self, loggers: list):
+        self.loggers = loggers
+
+    def log(self, metrics: dict, step: int) -> None:
+        for logger in self.loggers:
+            logger.log(metrics, step)
+
+    def summary(self, values: dict) -> None:
+        for logger in self.loggers:
+            logger.summary(values)
+
+    def finish(self) -> None:
+        for logger in self.loggers:
+            logger.finish()
+
+
+def build_loggers(cfg, run_dir: Path, config: dict, is_main: bool) -> Loggers:
+    if not is_main:
+        return Loggers([])
+    return Loggers([JsonlLogger(run_dir / "metrics.jsonl"), WandbLogger(cfg.wandb, run_dir, config)])

@@ -1,0 +1,77 @@
+"""Throughput, MFU and memory: the device-specific parts behind one small function each."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+
+import torch
+
+# Dense bf16 tensor-core peaks (TFLOP/s) by device-name fragment; fp32 matmuls run on TF32 at half this.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
+
+
+def measure_matmul_flops(
+    dtype: torch.dtype, device: torch.device, size: int = 1024, seconds: float = 0.3
+) -> float:
+    """Achievable matmul FLOP/s of this process (its threads, its dtype), timed over ~`seconds`."""
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    a @ b  # warm-up: thread pool and kernels
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        reps += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * size**3 * reps / (time.perf_counter() - start)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, configured_tflops: float | None = None) -> float:
+    """Per-device peak FLOP/s for MFU: configured, else a known GPU's datasheet, else measured here."""
+    if configured_tflops:
+        return configured_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for fragment, tflops in PEAK_BF16_TFLOPS.items():
+            if fragment in name:
+                return tflops * 1e12 / (2 if dtype == torch.float32 else 1)
+    return measure_matmul_flops(dtype, device)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process: CUDA allocator peak on GPUs, peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+class Throughput:
+    """Images/s and MFU over the steps since the last report."""
+
+    def __init__(self, images_per_step: int, flops_per_image: float, peak_flops_total: float):
+        self.images_per_step, self.flops_per_image, self.peak = (
+            images_per_step,
+            flops_per_image,
+            peak_flops_total,
+        )
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.steps = time.perf_counter(), 0
+
+    def step(self) -> None:
+        self.steps += 1
+
+    def report(self) -> dict:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        images_per_sec = self.steps * self.images_per_step / elapsed
+        step_time = elapsed / max(self.steps, 1)
+        self.reset()
+        return {
+            "images_per_sec": images_per_sec,
+            "step_time": step_time,
+            "mfu": images_per_sec * self.flops_per_image / self.peak,
+        }

@@ -1,0 +1,259 @@
+"""The training loop: the one place where model, parallel layout, data and optimizer meet."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from bigvit.config import local_batch_size, validate
+from bigvit.data import build_data, prepare
+from bigvit.models.registry import build_model, count_params
+from bigvit.optim import apply_lr, lr_factor, param_groups
+from bigvit.parallel.distributed import DistEnv, all_reduce, barrier
+from bigvit.parallel.grad import clip_grad_norm_
+from bigvit.parallel.materialize import materialize
+from bigvit.parallel.mesh import build_mesh, resolve_dims
+from bigvit.parallel.parallelize import DTYPES, autocast_context, parallelize, set_gradient_sync
+from bigvit.scaling.flops import train_flops
+from bigvit.train.checkpoint import Checkpointer, rng_state, set_rng_state
+from bigvit.train.loggers import build_loggers, console_line
+from bigvit.train.metrics import Throughput, peak_flops, peak_memory_bytes
+
+log = logging.getLogger("bigvit")
+
+
+def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay, cfg.layer_decay, cfg.no_decay)
+    # foreach kernels need every parameter of a group on one kind of tensor; sharded layouts may mix them.
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+class Trainer:
+    def __init__(self, cfg, env: DistEnv, run_dir: Path):
+        validate(cfg)
+        self.cfg, self.env, self.run_dir = cfg, env, run_dir
+        tcfg = cfg.trainer
+        torch.manual_seed(tcfg.seed + env.rank)  # dropout/drop-path differ per rank; weights do not
+        self.dims = resolve_dims(cfg.parallel, env.world_size)
+        self.local_batch = local_batch_size(cfg.data.batch_size, self.dims.dp, tcfg.grad_accum)
+
+        model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+        self.model = build_model(model_cfg, device="meta")
+        self.model_cfg = self.model.cfg
+        self.num_params = count_params(self.model)
+        mesh = build_mesh(self.dims, env.device.type) if env.distributed else None
+        parallelize(self.model, mesh, self.dims, cfg.parallel, tcfg.precision)
+        materialize(self.model, env.device, tcfg.seed)
+        self.autocast = autocast_context(cfg.parallel.strategy, tcfg.precision, env.device)
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=tcfg.precision == "fp16")
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+
+        if env.is_main:
+            prepare(cfg.data)
+        barrier()
+        dp_rank = env.rank // (self.dims.cp * self.dims.tp)  # ranks sharing a cp×tp group read the same data
+        self.data = build_data(
+            cfg.data, rank=dp_rank, world_size=self.dims.dp, local_batch=self.local_batch, seed=tcfg.seed
+        )
+        self.checkpointer = Checkpointer(run_dir / "checkpoints", env.rank, tcfg.keep_checkpoints)
+        self.logger = build_loggers(
+            cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True), env.is_main
+        )
+        self.step = 0
+
+        recompute = cfg.parallel.activation_checkpointing != "none"
+        flops_per_image = train_flops(self.model_cfg, recompute=recompute)
+        peak = peak_flops(env.device, DTYPES[tcfg.precision], tcfg.peak_tflops) * env.world_size
+        self.throughput = Throughput(cfg.data.batch_size, flops_per_image, peak)
+        log.info(
+            "model %s: %s parameters, %.2f GFLOP/image (train) | layout %s %s | global batch %d = %d/rank "
+            "× %d dp × %d accum | peak %.1f TFLOP/s",
+            self.model_cfg.name,
+            f"{self.num_params:,}",
+            flops_per_image / 1e9,
+            cfg.parallel.strategy,
+            self.dims,
+            cfg.data.batch_size,
+            self.local_batch,
+            self.dims.dp,
+            tcfg.grad_accum,
+            peak / 1e12,
+        )
+
+    # -- the loop ------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        tcfg = self.cfg.trainer
+        start = time.perf_counter()
+        self.resume()
+        batches = iter(self.data.train)
+        eval_metrics, metrics = {}, {}
+        first_step = self.step
+        stop_step = min(tcfg.stop_step or tcfg.max_steps, tcfg.max_steps)
+        while self.step < stop_step:
+            lr = self.set_lr()
+            loss, grad_norm = self.train_step(batches)
+            self.step += 1
+            self.throughput.step()
+            last = self.step == stop_step
+            if self.step % self.cfg.logger.console_every == 0 or last:
+                metrics = {
+                    "loss": all_reduce(loss).item(),
+                    "lr": lr,
+                    "grad_norm": grad_norm.item(),
+                    **self.throughput.report(),
+                }
+                eta = metrics["step_time"] * (tcfg.max_steps - self.step)
+                log.info(console_line(self.step, tcfg.max_steps, metrics, eta))
+                self.logger.log({f"train/{k}": v for k, v in metrics.items()}, self.step)
+            if (tcfg.eval_every and self.step % tcfg.eval_every == 0) or last:
+                eval_metrics = self.evaluate()
+                self.throughput.reset()  # evaluation time is not training throughput
+            if (tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0) or last:
+                self.save()
+                self.throughput.reset()
+        summary = self.summary(metrics, eval_metrics, time.perf_counter() - start, first_step)
+        self.logger.summary(summary)
+        self.logger.finish()
+        return summary
+
+    def set_lr(self) -> float:
+        scfg = self.cfg.schedule
+        factor = lr_factor(
+            self.step,
+            name=scfg.name,
+            warmup_steps=scfg.warmup_steps,
+            total_steps=self.cfg.trainer.max_steps,
+            min_factor=scfg.min_factor,
+        )
+        return apply_lr(self.optimizer, self.cfg.optim.lr, factor)
+
+    def train_step(self, batches) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over `grad_accum` micro-batches; returns (mean loss on this rank, grad norm)."""
+        accum = self.cfg.trainer.grad_accum
+        total_loss = torch.zeros((), device=self.env.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        for micro in range(accum):
+            batch = next(batches)
+            images = batch["image"].to(self.env.device, non_blocking=True)
+            labels = batch["label"].to(self.env.device, non_blocking=True)
+            set_gradient_sync(self.model, micro == accum - 1)
+            with self.autocast():
+                logits = self.model(images)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.trainer.label_smoothing)
+            self.scaler.scale(loss / accum).backward()
+            total_loss += loss.detach()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return total_loss / accum, grad_norm
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Top-1 and loss over the whole held-out set; every sample counted once across ranks.
+
+        Ranks can hold different numbers of batches; a rank that has run out feeds an empty-label
+        batch until all are done, since sharded forwards are collectives every rank must join.
+        """
+        if self.data.make_eval is None:
+            return {}
+        self.model.eval()
+        device = self.env.device
+        sums = torch.zeros(3, device=device, dtype=torch.float64)  # correct, count, loss
+        batches = iter(self.data.make_eval())
+        filler = None
+        while True:
+            batch = next(batches, None)
+            more = all_reduce(torch.tensor([float(batch is not None)], device=device), op="max")
+            if not more.item():
+                break
+            if batch is None:
+                batch = filler
+            filler = {"image": batch["image"][:1], "label": torch.full((1,), -1)}
+            images, labels = batch["image"].to(device), batch["label"].to(device)
+            with self.autocast():
+                logits = self.model(images).float()
+            valid = labels >= 0
+            sums[0] += (logits.argmax(-1) == labels)[valid].sum()
+            sums[1] += valid.sum()
+            sums[2] += F.cross_entropy(logits[valid], labels[valid], reduction="sum") if valid.any() else 0.0
+        all_reduce(sums, op="sum")
+        self.model.train()
+        result = {
+            "eval_top1": (sums[0] / sums[1]).item(),
+            "eval_loss": (sums[2] / sums[1]).item(),
+            "eval_samples": int(sums[1].item()),
+        }
+        log.info(
+            "eval step %d | top-1 %.4f | loss %.4f | %d samples",
+            self.step,
+            result["eval_top1"],
+            result["eval_loss"],
+            result["eval_samples"],
+        )
+        self.logger.log({f"eval/{k}": v for k, v in result.items()}, self.step)
+        return result
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def checkpoint_meta(self) -> dict:
+        return {
+            "model": self.model_cfg.to_dict(),
+            "world_size": self.env.world_size,
+            "parallel": OmegaConf.to_container(self.cfg.parallel, resolve=True),
+        }
+
+    def save(self) -> None:
+        rank_state = {"data": self.data.train.state_dict(), "rng": rng_state()}
+        path = self.checkpointer.save(
+            self.step, self.model, self.optimizer, rank_state, self.checkpoint_meta()
+        )
+        log.info("checkpoint step %d → %s", self.step, path)
+
+    def resume(self) -> None:
+        setting = str(self.cfg.trainer.resume)
+        path = (
+            self.checkpointer.latest() if setting == "auto" else None if setting == "never" else Path(setting)
+        )
+        if path is None:
+            return
+        self.step, rank_state = self.checkpointer.load(
+            path, self.model, self.optimizer, expect={"model": self.model_cfg.to_dict()}
+        )
+        if rank_state is not None:
+            self.data.train.load_state_dict(rank_state["data"])
+            set_rng_state(rank_state["rng"])
+        else:
+            log.warning(
+                "checkpoint %s came from another world size: weights and optimizer restored, "
+                "data position and RNG start afresh",
+                path,
+            )
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def summary(self, metrics: dict, eval_metrics: dict, wall_seconds: float, first_step: int) -> dict:
+        summary = {
+            "final_step": self.step,
+            "first_step": first_step,
+            "train_loss": metrics.get("loss"),
+            "eval_top1": eval_metrics.get("eval_top1"),
+            "eval_loss": eval_metrics.get("eval_loss"),
+            "images_per_sec": metrics.get("images_per_sec"),
+            "mfu": metrics.get("mfu"),
+            "world_size": self.env.world_size,
+            "wall_seconds": wall_seconds,
+            "params": self.num_params,
+            "peak_memory_bytes": peak_memory_bytes(self.env.device),
+            "model": self.model_cfg.name,
+            "strategy": self.cfg.parallel.strategy,
+        }
+        if self.env.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary

@@ -1,0 +1,77 @@
+"""Run bigvit-train as users do: a real process (or torchrun with real gloo ranks), then read its outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A tiny ViT on 16 px synthetic images: seconds per run on 2 cores.
+TINY = [
+    "model=vit_ti16",
+    "model.depth=2",
+    "model.width=48",
+    "model.heads=3",
+    "model.mlp_dim=96",
+    "model.patch_size=4",
+    "data.image_size=16",
+    "logger=none",
+    "logger.console_every=1",
+    "schedule.warmup_steps=2",
+    "trainer.peak_tflops=1",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_command(overrides: list[str], nproc: int = 1) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "bigvit.train", *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--rdzv_backend=c10d",
+        f"--rdzv_endpoint=127.0.0.1:{free_port()}",
+        "-m",
+        "bigvit.train",
+        *overrides,
+    ]
+
+
+def run_train(
+    run_dir: Path, overrides: list[str], nproc: int = 1, check: bool = True, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1" if nproc > 1 else "2",
+        "WANDB_SILENT": "true",
+    }
+    cmd = train_command([f"trainer.run_dir={run_dir}", *overrides], nproc)
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+        )
+    return result
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Step → training loss (averaged over the global batch) from metrics.jsonl."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["train/loss"] for r in map(json.loads, lines) if "train/loss" in r}
