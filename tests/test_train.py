@@ -67,3 +67,18 @@ def test_single_process_run_writes_summary_checkpoint_and_config(tmp_path):
     assert 0.0 <= result["eval_top1"] <= 1.0 and result["images_per_sec"] > 0 and result["mfu"] > 0
     assert (run_dir / "checkpoints" / "step_00000004" / ".metadata").is_file()
     assert "vit_ti16" in (run_dir / "config.yaml").read_text()
+
+
+def test_gradient_accumulation_matches_one_large_batch(tmp_path):
+    common = [*TINY, "data=synthetic", "data.batch_size=8", "trainer.max_steps=3", "parallel=single"]
+    run_train(tmp_path / "whole", common)
+    run_train(tmp_path / "accum", [*common, "trainer.grad_accum=2"])
+    assert_close_losses(losses(tmp_path / "whole"), losses(tmp_path / "accum"), rel=1e-5)
+
+
+@pytest.mark.parametrize("precision,parallel,nproc", [("bf16", "fsdp", 2), ("bf16", "single", 1), ("fp16", "single", 1)])
+def test_mixed_precision_trains_close_to_fp32(tmp_path, precision, parallel, nproc):
+    common = [*TINY, "data=synthetic", "data.batch_size=8", "trainer.max_steps=4", f"parallel={parallel}"]
+    run_train(tmp_path / "fp32", [*common, "trainer.precision=fp32"], nproc=nproc)
+    run_train(tmp_path / precision, [*common, f"trainer.precision={precision}"], nproc=nproc)
+    assert_close_losses(losses(tmp_path / "fp32"), losses(tmp_path / precision), rel=1e-2)
