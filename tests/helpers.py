@@ -75,3 +75,18 @@ def losses(run_dir: Path) -> dict[int, float]:
     """Step → training loss (averaged over the global batch) from metrics.jsonl."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return {r["step"]: r["train/loss"] for r in map(json.loads, lines) if "train/loss" in r}
+
+
+def final_params(run_dir: Path) -> dict:
+    """The run's newest checkpointed weights as full tensors, read in this process without a process group."""
+    import torch.distributed.checkpoint as dcp
+    import yaml
+
+    import bigvit
+
+    checkpoints = sorted((run_dir / "checkpoints").glob("step_*[0-9]"))
+    model_cfg = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]
+    model = bigvit.build_model(model_cfg)
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(checkpoints[-1]))
+    return state["model"]

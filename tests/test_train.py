@@ -76,7 +76,9 @@ def test_gradient_accumulation_matches_one_large_batch(tmp_path):
     assert_close_losses(losses(tmp_path / "whole"), losses(tmp_path / "accum"), rel=1e-5)
 
 
-@pytest.mark.parametrize("precision,parallel,nproc", [("bf16", "fsdp", 2), ("bf16", "single", 1), ("fp16", "single", 1)])
+@pytest.mark.parametrize(
+    "precision,parallel,nproc", [("bf16", "fsdp", 2), ("bf16", "single", 1), ("fp16", "single", 1)]
+)
 def test_mixed_precision_trains_close_to_fp32(tmp_path, precision, parallel, nproc):
     common = [*TINY, "data=synthetic", "data.batch_size=8", "trainer.max_steps=4", f"parallel={parallel}"]
     run_train(tmp_path / "fp32", [*common, "trainer.precision=fp32"], nproc=nproc)

@@ -59,24 +59,38 @@ def prepare(cfg) -> None:
 def build_shard_data(cfg, *, rank: int, world_size: int, local_batch: int, seed: int) -> DataBundle:
     aug = cfg.augment
     stream = TrainStream(
-        shard_urls(cfg, "train_urls"), local_batch,
+        shard_urls(cfg, "train_urls"),
+        local_batch,
         train_transform(cfg.image_size, aug.scale, aug.ratio, aug.hflip, cfg.mean, cfg.std),
-        rank=rank, world_size=world_size, seed=seed, shuffle_buffer=cfg.shuffle_buffer,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        shuffle_buffer=cfg.shuffle_buffer,
     )
     eval_urls = shard_urls(cfg, "eval_urls")
     evaluation = eval_transform(cfg.image_size, cfg.crop_pct, cfg.mean, cfg.std)
     make_eval = None
     if eval_urls:
+
         def make_eval():
             stream = EvalStream(eval_urls, local_batch, evaluation, rank=rank, world_size=world_size)
             return ResumableLoader.plain_loader(stream, cfg.num_workers)
+
     return DataBundle(ResumableLoader(stream, cfg.num_workers), make_eval)
 
 
 def build_synthetic_data(cfg, *, rank: int, world_size: int, local_batch: int, seed: int) -> DataBundle:
-    common = dict(global_batch=local_batch * world_size, num_classes=cfg.num_classes,
-                  image_size=cfg.image_size, rank=rank, world_size=world_size, seed=seed)
-    make_eval = (lambda: SyntheticStream(**common, eval_samples=cfg.eval_samples)) if cfg.eval_samples else None
+    common = dict(
+        global_batch=local_batch * world_size,
+        num_classes=cfg.num_classes,
+        image_size=cfg.image_size,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+    )
+    make_eval = (
+        (lambda: SyntheticStream(**common, eval_samples=cfg.eval_samples)) if cfg.eval_samples else None
+    )
     return DataBundle(SyntheticStream(**common), make_eval)
 
 

@@ -52,8 +52,13 @@ def digits_samples(images: np.ndarray, labels: np.ndarray, image_size: int, spli
         yield {"__key__": f"{split}{i:05d}", "png": png_bytes(image), "cls": str(int(label)).encode()}
 
 
-def write_digits(out_dir: str | Path, image_size: int = 32, seed: int = 0, test_fraction: float = 0.2,
-                 samples_per_shard: int = 256) -> dict:
+def write_digits(
+    out_dir: str | Path,
+    image_size: int = 32,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    samples_per_shard: int = 256,
+) -> dict:
     """Write the digits dataset as train/test shards under `out_dir` (atomically: a temp dir, then a rename)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split

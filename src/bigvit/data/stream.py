@@ -37,8 +37,9 @@ class Unit:
     stride: int = 1
 
 
-def epoch_units(urls: Sequence[str], slot: int, num_slots: int, seed: int, epoch: int,
-                shuffle: bool = True) -> list[Unit]:
+def epoch_units(
+    urls: Sequence[str], slot: int, num_slots: int, seed: int, epoch: int, shuffle: bool = True
+) -> list[Unit]:
     """The units slot `slot` of `num_slots` reads in `epoch`; the units of all slots partition the data."""
     order = list(range(len(urls)))
     if shuffle:
@@ -97,8 +98,17 @@ def collate(images: list[torch.Tensor], labels: list[int]) -> dict:
 class TrainStream(IterableDataset):
     """Endless, shuffled, augmented batches of `batch_size` for one rank; see the module docstring."""
 
-    def __init__(self, urls: Sequence[str], batch_size: int, transform: Transform, *, rank: int,
-                 world_size: int, seed: int, shuffle_buffer: int = 1000):
+    def __init__(
+        self,
+        urls: Sequence[str],
+        batch_size: int,
+        transform: Transform,
+        *,
+        rank: int,
+        world_size: int,
+        seed: int,
+        shuffle_buffer: int = 1000,
+    ):
         self.urls, self.batch_size, self.transform = list(urls), batch_size, transform
         self.rank, self.world_size, self.seed, self.shuffle_buffer = rank, world_size, seed, shuffle_buffer
         self.start: dict[int, tuple[int, int]] = {}  # logical worker → (epoch, consumed), set on resume
@@ -137,8 +147,9 @@ class TrainStream(IterableDataset):
 class EvalStream(IterableDataset):
     """Each evaluation sample exactly once across all ranks and workers, in file order, last batch partial."""
 
-    def __init__(self, urls: Sequence[str], batch_size: int, transform: Transform, *, rank: int,
-                 world_size: int):
+    def __init__(
+        self, urls: Sequence[str], batch_size: int, transform: Transform, *, rank: int, world_size: int
+    ):
         self.urls, self.batch_size, self.transform = list(urls), batch_size, transform
         self.rank, self.world_size = rank, world_size
 
@@ -171,8 +182,12 @@ class ResumableLoader:
 
     def __iter__(self) -> Iterator[dict]:
         self.stream.start, self.stream.rotation = dict(self.positions), self.next_worker
-        loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
-                            prefetch_factor=4 if self.num_workers else None)
+        loader = DataLoader(
+            self.stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            prefetch_factor=4 if self.num_workers else None,
+        )
         for batch in loader:
             worker, epoch, consumed = batch.pop("position")
             self.positions[worker] = (epoch, consumed)
@@ -184,8 +199,12 @@ class ResumableLoader:
         return DataLoader(stream, batch_size=None, num_workers=num_workers)
 
     def state_dict(self) -> dict:
-        return {"positions": dict(self.positions), "next_worker": self.next_worker,
-                "num_workers": self.num_workers, "world_size": self.stream.world_size}
+        return {
+            "positions": dict(self.positions),
+            "next_worker": self.next_worker,
+            "num_workers": self.num_workers,
+            "world_size": self.stream.world_size,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         layout = (state["num_workers"], state["world_size"])

@@ -12,8 +12,9 @@ from collections.abc import Iterator
 import torch
 
 
-def synthetic_sample(seed: int, index: int, num_classes: int, image_size: int,
-                     templates: torch.Tensor) -> tuple[torch.Tensor, int]:
+def synthetic_sample(
+    seed: int, index: int, num_classes: int, image_size: int, templates: torch.Tensor
+) -> tuple[torch.Tensor, int]:
     generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
     label = int(torch.randint(num_classes, (1,), generator=generator))
     noise = torch.randn(3, image_size, image_size, generator=generator)
@@ -28,8 +29,17 @@ def class_templates(seed: int, num_classes: int, image_size: int) -> torch.Tenso
 class SyntheticStream:
     """Batches of this rank's slice of global batch `step`; `eval=True` gives a fixed finite set."""
 
-    def __init__(self, global_batch: int, num_classes: int, image_size: int, *, rank: int, world_size: int,
-                 seed: int, eval_samples: int = 0):
+    def __init__(
+        self,
+        global_batch: int,
+        num_classes: int,
+        image_size: int,
+        *,
+        rank: int,
+        world_size: int,
+        seed: int,
+        eval_samples: int = 0,
+    ):
         self.global_batch, self.num_classes, self.image_size = global_batch, num_classes, image_size
         self.rank, self.world_size, self.seed, self.eval_samples = rank, world_size, seed, eval_samples
         self.local_batch = global_batch // world_size
@@ -37,14 +47,16 @@ class SyntheticStream:
         self.step = 0
 
     def batch(self, indices: range | list[int], seed: int) -> dict:
-        pairs = [synthetic_sample(seed, i, self.num_classes, self.image_size, self.templates) for i in indices]
+        pairs = [
+            synthetic_sample(seed, i, self.num_classes, self.image_size, self.templates) for i in indices
+        ]
         return {"image": torch.stack([p[0] for p in pairs]), "label": torch.tensor([p[1] for p in pairs])}
 
     def __iter__(self) -> Iterator[dict]:
         if self.eval_samples:  # a held-out set drawn with another seed, strided over ranks
             indices = list(range(self.rank, self.eval_samples, self.world_size))
             for start in range(0, len(indices), self.local_batch):
-                yield self.batch(indices[start:start + self.local_batch], self.seed + 1)
+                yield self.batch(indices[start : start + self.local_batch], self.seed + 1)
             return
         while True:
             first = self.step * self.global_batch + self.rank * self.local_batch

@@ -44,8 +44,10 @@ def random_resized_crop_box(
     # Fallback: the largest centred crop within the ratio bounds.
     in_ratio = width / height
     w, h = (
-        (width, round(width / ratio[0])) if in_ratio < ratio[0]
-        else (round(height * ratio[1]), height) if in_ratio > ratio[1]
+        (width, round(width / ratio[0]))
+        if in_ratio < ratio[0]
+        else (round(height * ratio[1]), height)
+        if in_ratio > ratio[1]
         else (width, height)
     )
     left, top = (width - w) // 2, (height - h) // 2

@@ -131,11 +131,23 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
+class AttentionKernel(nn.Module):
+    """Softmax attention over (B, N, H, D), as a module so that a parallel transform can swap it
+    (context parallelism replaces it with an all-to-all around the same kernel)."""
+
+    def __init__(self, impl: str):
+        super().__init__()
+        self.impl = impl
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return attention(q, k, v, self.impl)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.head_dim = cfg.head_dim
-        self.attn_impl = cfg.attn_impl
+        self.kernel = AttentionKernel(cfg.attn_impl)
         self.qkv = nn.Linear(cfg.width, 3 * cfg.width, bias=cfg.qkv_bias)
         self.q_norm = layer_norm(cfg, cfg.head_dim) if cfg.qk_norm else nn.Identity()
         self.k_norm = layer_norm(cfg, cfg.head_dim) if cfg.qk_norm else nn.Identity()
@@ -144,7 +156,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens = x.shape[:2]
         q, k, v = self.qkv(x).view(batch, tokens, -1, 3, self.head_dim).unbind(dim=3)
-        out = attention(self.q_norm(q), self.k_norm(k), v, self.attn_impl)
+        out = self.kernel(self.q_norm(q), self.k_norm(k), v)
         return self.proj(out.reshape(batch, tokens, -1))
 
 
@@ -188,7 +200,7 @@ class MAPHead(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.head_dim = cfg.head_dim
-        self.attn_impl = cfg.attn_impl
+        self.kernel = AttentionKernel(cfg.attn_impl)
         self.probe = nn.Parameter(torch.zeros(1, 1, cfg.width))
         self.q = nn.Linear(cfg.width, cfg.width)
         self.kv = nn.Linear(cfg.width, 2 * cfg.width)
@@ -200,7 +212,7 @@ class MAPHead(nn.Module):
         batch, tokens = x.shape[:2]
         q = self.q(self.probe.expand(batch, -1, -1)).view(batch, 1, -1, self.head_dim)
         k, v = self.kv(x).view(batch, tokens, -1, 2, self.head_dim).unbind(dim=3)
-        out = self.proj(attention(q, k, v, self.attn_impl).reshape(batch, 1, -1))
+        out = self.proj(self.kernel(q, k, v).reshape(batch, 1, -1))
         out = out + self.mlp(self.norm(out))
         return out[:, 0]
 

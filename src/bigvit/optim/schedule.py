@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from bigvit.errors import ConfigError
 
 SCHEDULES = ("cosine", "constant", "linear", "rsqrt")
@@ -54,9 +52,10 @@ def lr_factor(step: int, *, name: str, warmup_steps: int, total_steps: int, min_
     return min_factor + (1.0 - min_factor) * decay
 
 
-def apply_lr(optimizer: torch.optim.Optimizer, base_lr: float, factor: float) -> float:
+def apply_lr(optimizer, base_lr: float, factor: float) -> float:
     """Set every group's LR to base_lr * group["lr_scale"] (1.0 if absent) * factor; call before each
-    optimizer step. Returns base_lr * factor, the unscaled LR, for logging."""
+    optimizer step. `optimizer` is anything with `param_groups` (an optimizer or an engine).
+    Returns base_lr * factor, the unscaled LR, for logging."""
     for group in optimizer.param_groups:
         group["lr"] = base_lr * group.get("lr_scale", 1.0) * factor
     return base_lr * factor

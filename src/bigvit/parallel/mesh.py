@@ -61,5 +61,16 @@ def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
 
 
 def dp_mesh(mesh: DeviceMesh, dims: ParallelDims) -> DeviceMesh:
-    """The mesh FSDP shards over: 1-D dp_shard, or 2-D (dp_replicate, dp_shard) for HSDP."""
-    return mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
+    """The mesh FSDP shards over: 1-D dp_shard, or 2-D (dp_replicate, dp_shard) for HSDP.
+
+    With context parallelism dp_shard is flattened with cp into "dp_shard_cp": cp ranks hold partial
+    gradients of the same parameters (see parallel/context.py), so they shard and average with the
+    data-parallel ranks.
+    """
+    if dims.cp == 1:
+        return mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
+    if dims.dp_replicate == 1:
+        return mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+    # Slicing a flattened dim from the root mesh is deprecated: flatten all dp dims, then split off replicas.
+    flat = mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+    return flat._unflatten(0, (dims.dp_replicate, dims.dp_shard * dims.cp), ("dp_replicate", "dp_shard_cp"))

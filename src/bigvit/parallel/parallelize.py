@@ -1,6 +1,7 @@
 """The ordered recipe that turns a plain ViT into a parallel one.
 
-    tensor/sequence parallel → activation checkpointing → torch.compile → data parallel (FSDP2 | DDP)
+    tensor/sequence parallel → context parallel → activation checkpointing → torch.compile →
+    data parallel (FSDP2 | DDP)
 
 Each step is a small `apply_*` function; the model file holds no parallel code. A strategy is a
 name in STRATEGIES plus a conf/parallel/*.yaml, never a branch in the trainer.
@@ -84,7 +85,16 @@ def wrap_single(model: nn.Module, mesh: DeviceMesh | None, dims: ParallelDims, c
         )
 
 
-STRATEGIES: dict[str, Callable] = {"fsdp": wrap_fsdp, "ddp": wrap_ddp, "single": wrap_single}
+def wrap_deepspeed(model: nn.Module, mesh: DeviceMesh, dims: ParallelDims, cfg, precision: str) -> None:
+    raise ConfigError("parallel.strategy=deepspeed is built by bigvit.parallel.deepspeed.DeepSpeedEngine")
+
+
+STRATEGIES: dict[str, Callable] = {
+    "fsdp": wrap_fsdp,
+    "ddp": wrap_ddp,
+    "single": wrap_single,
+    "deepspeed": wrap_deepspeed,  # its own engine (bigvit.train.engine.ENGINES); listed so configs validate
+}
 # Strategies that cast parameters themselves; the others run the forward under autocast.
 CASTS_PARAMS = {"fsdp"}
 
@@ -95,6 +105,14 @@ def parallelize(
     """Apply the configured layout to a meta-device ViT, in place and in the fixed order; returns the model."""
     if cfg.strategy not in STRATEGIES:
         raise ConfigError(f"parallel.strategy={cfg.strategy!r} is not one of {sorted(STRATEGIES)}")
+    if dims.tp > 1:
+        from bigvit.parallel.tensor import apply_tp
+
+        apply_tp(model, mesh["tp"], cfg.get("sequence_parallel", True))
+    if dims.cp > 1:
+        from bigvit.parallel.context import apply_cp
+
+        apply_cp(model, mesh["cp"])
     apply_ac(model, cfg.activation_checkpointing, cfg.get("ac_every", 1))
     if cfg.compile:
         apply_compile(model)

@@ -1,16 +1,14 @@
-"""torch.distributed.checkpoint save/resume: atomic, with retention, resharding-friendly.
+"""Checkpoint directories: atomic, with retention and compatibility checks.
 
 A checkpoint is a directory `step_%08d` written first as `step_%08d.tmp` and renamed once every
-rank has finished and the metadata is on disk: a crash or SIGTERM mid-save leaves the previous
-checkpoint as the newest usable one. Model and optimizer states are saved by fully-qualified name
-(DTensor shards and all), so a checkpoint loads under another layout or world size. Per-rank state
-(data position, RNG) is stored under per-rank keys.
+rank has finished and bigvit's metadata file is written last: a crash or SIGTERM mid-save leaves the
+previous checkpoint as the newest usable one. What goes inside is the engine's business (DCP by
+parameter name for PyTorch layouts); per-rank state (data position, RNG) goes under per-rank keys.
 """
 
 from __future__ import annotations
 
 import json
-import pickle
 import re
 import shutil
 import time
@@ -18,8 +16,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from bigvit.parallel.distributed import barrier
 
@@ -35,7 +31,7 @@ def checkpoint_dirs(root: Path) -> list[Path]:
     """Complete checkpoints under `root`, oldest first (temp dirs of interrupted saves are ignored)."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / ".metadata").is_file()]
+    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / META_FILE).is_file()]
     return sorted(found, key=lambda p: p.name)
 
 
@@ -44,6 +40,8 @@ def rank_key(rank: int) -> str:
 
 
 class Checkpointer:
+    """The directory protocol (temp dir, rename, retention, compatibility); the engine writes the contents."""
+
     def __init__(self, root: str | Path, rank: int, keep: int = 2):
         self.root, self.rank, self.keep = Path(root), rank, keep
 
@@ -51,7 +49,7 @@ class Checkpointer:
         found = checkpoint_dirs(self.root)
         return found[-1] if found else None
 
-    def save(self, step: int, model, optimizer, rank_state: dict, meta: dict) -> Path:
+    def save(self, step: int, engine, rank_state: dict, meta: dict) -> Path:
         """Write a checkpoint of `step` (collective: every rank calls it)."""
         final = self.root / f"step_{step:08d}"
         tmp = final.with_name(final.name + ".tmp")
@@ -59,16 +57,9 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier()
-        model_state, optim_state = get_state_dict(model, optimizer)
-        # Per-rank state goes in as one pickled blob under a key no other rank writes.
-        state = {
-            "model": model_state,
-            "optim": optim_state,
-            "step": step,
-            rank_key(self.rank): pickle.dumps(rank_state),
-        }
         start = time.perf_counter()
-        dcp.save(state, checkpoint_id=str(tmp))
+        engine.save(tmp, step, rank_key(self.rank), rank_state)
+        barrier()  # every rank's shards are on disk before the checkpoint is declared complete
         if self.rank == 0:
             meta = {
                 **meta,
@@ -84,19 +75,20 @@ class Checkpointer:
         barrier()
         return final
 
-    def load(self, path: str | Path, model, optimizer, expect: dict | None = None) -> tuple[int, dict | None]:
-        """Load `path` into model and optimizer; returns (step, this rank's saved state or None).
+    def load(self, path: str | Path, engine, expect: dict | None = None) -> tuple[int, dict | None]:
+        """Load `path` into the engine; returns (step, this rank's saved state or None).
 
         `expect` (e.g. the model config) must equal what the checkpoint recorded; otherwise a
-        CheckpointError names the differing keys.
+        CheckpointError names the differing keys. Per-rank state (data position, RNG streams) is
+        restored only at the world size it was saved with.
         """
         path = Path(path)
-        if not (path / ".metadata").is_file():
+        if not (path / META_FILE).is_file():
             raise CheckpointError(
-                f"{path} is not a complete checkpoint (no .metadata); "
+                f"{path} is not a complete checkpoint (no {META_FILE}); "
                 f"complete ones here: {[p.name for p in checkpoint_dirs(path.parent)]}"
             )
-        saved = json.loads((path / META_FILE).read_text()) if (path / META_FILE).is_file() else {}
+        saved = json.loads((path / META_FILE).read_text())
         for key, value in (expect or {}).items():
             if key in saved and saved[key] != value:
                 diff = (
@@ -107,16 +99,9 @@ class Checkpointer:
                 raise CheckpointError(
                     f"checkpoint {path} is incompatible: {key} differs (saved, now): {diff}"
                 )
-        model_state, optim_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optim": optim_state, "step": 0}
-        # Data positions and RNG streams belong to a rank of one layout: restore them only at the same world size.
         world_size = dist.get_world_size() if dist.is_initialized() else 1
-        own_key = rank_key(self.rank)
-        if saved.get("world_size") == world_size:
-            state[own_key] = b""
-        dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        return int(state["step"]), pickle.loads(state[own_key]) if own_key in state else None
+        same_layout = saved.get("world_size") == world_size
+        return engine.load(path, rank_key(self.rank) if same_layout else None)
 
 
 def rng_state() -> dict:

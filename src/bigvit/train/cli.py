@@ -75,13 +75,22 @@ def resolve_run_dir(cfg: DictConfig, env: DistEnv) -> Path:
     return path
 
 
+def closing_line(summary: dict, run_dir: Path) -> str:
+    top1 = "n/a" if summary["eval_top1"] is None else f"{summary['eval_top1']:.4f}"
+    return (
+        f"finished step {summary['final_step']}: eval top-1 {top1} | train loss {summary['train_loss']:.4f} | "
+        f"{summary['images_per_sec']:.0f} img/s | MFU {summary['mfu']:.1%} | {summary['wall_seconds']:.0f} s"
+        f" → {run_dir / 'summary.json'}"
+    )
+
+
 def run(cfg: DictConfig) -> dict:
     env = init_distributed(cfg.trainer.dist_timeout_s)
     setup_logging(env)
     try:
         run_dir = resolve_run_dir(cfg, env)
         summary = Trainer(cfg, env, run_dir).fit()
-        logging.getLogger("bigvit").info("done: %s", json.dumps(summary))
+        logging.getLogger("bigvit").info(closing_line(summary, run_dir))
         return summary
     finally:
         teardown()

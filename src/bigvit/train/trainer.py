@@ -16,12 +16,11 @@ from bigvit.data import build_data, prepare
 from bigvit.models.registry import build_model, count_params
 from bigvit.optim import apply_lr, lr_factor, param_groups
 from bigvit.parallel.distributed import DistEnv, all_reduce, barrier
-from bigvit.parallel.grad import clip_grad_norm_
-from bigvit.parallel.materialize import materialize
 from bigvit.parallel.mesh import build_mesh, resolve_dims
-from bigvit.parallel.parallelize import DTYPES, autocast_context, parallelize, set_gradient_sync
+from bigvit.parallel.parallelize import DTYPES
 from bigvit.scaling.flops import train_flops
 from bigvit.train.checkpoint import Checkpointer, rng_state, set_rng_state
+from bigvit.train.engine import build_engine
 from bigvit.train.loggers import build_loggers, console_line
 from bigvit.train.metrics import Throughput, peak_flops, peak_memory_bytes
 
@@ -45,16 +44,12 @@ class Trainer:
         self.dims = resolve_dims(cfg.parallel, env.world_size)
         self.local_batch = local_batch_size(cfg.data.batch_size, self.dims.dp, tcfg.grad_accum)
 
-        model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-        self.model = build_model(model_cfg, device="meta")
-        self.model_cfg = self.model.cfg
-        self.num_params = count_params(self.model)
+        model = build_model(OmegaConf.to_container(cfg.model, resolve=True), device="meta")
+        self.model_cfg, self.num_params = model.cfg, count_params(model)
         mesh = build_mesh(self.dims, env.device.type) if env.distributed else None
-        parallelize(self.model, mesh, self.dims, cfg.parallel, tcfg.precision)
-        materialize(self.model, env.device, tcfg.seed)
-        self.autocast = autocast_context(cfg.parallel.strategy, tcfg.precision, env.device)
-        self.scaler = torch.amp.GradScaler(env.device.type, enabled=tcfg.precision == "fp16")
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.engine = build_engine(
+            model, mesh, self.dims, cfg, env.device, lambda m: build_optimizer(m, cfg.optim)
+        )
 
         if env.is_main:
             prepare(cfg.data)
@@ -133,28 +128,22 @@ class Trainer:
             total_steps=self.cfg.trainer.max_steps,
             min_factor=scfg.min_factor,
         )
-        return apply_lr(self.optimizer, self.cfg.optim.lr, factor)
+        return apply_lr(self.engine, self.cfg.optim.lr, factor)
 
     def train_step(self, batches) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over `grad_accum` micro-batches; returns (mean loss on this rank, grad norm)."""
         accum = self.cfg.trainer.grad_accum
         total_loss = torch.zeros((), device=self.env.device)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.engine.zero_grad()
         for micro in range(accum):
             batch = next(batches)
             images = batch["image"].to(self.env.device, non_blocking=True)
             labels = batch["label"].to(self.env.device, non_blocking=True)
-            set_gradient_sync(self.model, micro == accum - 1)
-            with self.autocast():
-                logits = self.model(images)
+            logits = self.engine.forward(images, sync_grads=micro == accum - 1)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.trainer.label_smoothing)
-            self.scaler.scale(loss / accum).backward()
+            self.engine.backward(loss / accum)
             total_loss += loss.detach()
-        self.scaler.unscale_(self.optimizer)
-        grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return total_loss / accum, grad_norm
+        return total_loss / accum, self.engine.step()
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -165,7 +154,7 @@ class Trainer:
         """
         if self.data.make_eval is None:
             return {}
-        self.model.eval()
+        self.engine.train(False)
         device = self.env.device
         sums = torch.zeros(3, device=device, dtype=torch.float64)  # correct, count, loss
         batches = iter(self.data.make_eval())
@@ -179,14 +168,14 @@ class Trainer:
                 batch = filler
             filler = {"image": batch["image"][:1], "label": torch.full((1,), -1)}
             images, labels = batch["image"].to(device), batch["label"].to(device)
-            with self.autocast():
-                logits = self.model(images).float()
+            logits = self.engine.forward(images).float()
             valid = labels >= 0
             sums[0] += (logits.argmax(-1) == labels)[valid].sum()
             sums[1] += valid.sum()
             sums[2] += F.cross_entropy(logits[valid], labels[valid], reduction="sum") if valid.any() else 0.0
         all_reduce(sums, op="sum")
-        self.model.train()
+        sums /= self.dims.cp * self.dims.tp  # ranks of one cp×tp group scored the same samples
+        self.engine.train(True)
         result = {
             "eval_top1": (sums[0] / sums[1]).item(),
             "eval_loss": (sums[2] / sums[1]).item(),
@@ -212,9 +201,7 @@ class Trainer:
 
     def save(self) -> None:
         rank_state = {"data": self.data.train.state_dict(), "rng": rng_state()}
-        path = self.checkpointer.save(
-            self.step, self.model, self.optimizer, rank_state, self.checkpoint_meta()
-        )
+        path = self.checkpointer.save(self.step, self.engine, rank_state, self.checkpoint_meta())
         log.info("checkpoint step %d → %s", self.step, path)
 
     def resume(self) -> None:
@@ -224,9 +211,8 @@ class Trainer:
         )
         if path is None:
             return
-        self.step, rank_state = self.checkpointer.load(
-            path, self.model, self.optimizer, expect={"model": self.model_cfg.to_dict()}
-        )
+        expect = {"model": self.model_cfg.to_dict()}
+        self.step, rank_state = self.checkpointer.load(path, self.engine, expect=expect)
         if rank_state is not None:
             self.data.train.load_state_dict(rank_state["data"])
             set_rng_state(rank_state["rng"])

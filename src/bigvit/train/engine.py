@@ -1,0 +1,110 @@
+"""Engines: what one optimizer step means under a parallel layout.
+
+The trainer calls forward / backward / step / zero_grad and save / load; a layout that brings its
+own runtime (DeepSpeed) is another engine class in parallel/, chosen by `parallel.strategy`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from bigvit.parallel.grad import clip_grad_norm_
+from bigvit.parallel.materialize import materialize
+from bigvit.parallel.parallelize import autocast_context, parallelize, set_gradient_sync
+
+# Strategies whose engine is not TorchEngine: strategy → "module:Class", imported only when chosen.
+ENGINES = {"deepspeed": "bigvit.parallel.deepspeed:DeepSpeedEngine"}
+
+
+class TorchEngine:
+    """A model parallelized with PyTorch's own APIs (FSDP2, DDP, single), its optimizer and loss scaler."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        mesh,
+        dims,
+        cfg,
+        device: torch.device,
+        make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+    ):
+        precision = cfg.trainer.precision
+        self.model = parallelize(model, mesh, dims, cfg.parallel, precision)
+        materialize(self.model, device, cfg.trainer.seed)
+        self.optimizer = make_optimizer(self.model)
+        self.autocast = autocast_context(cfg.parallel.strategy, precision, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.grad_clip = cfg.optim.grad_clip
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    def forward(self, images: torch.Tensor, sync_grads: bool = True) -> torch.Tensor:
+        set_gradient_sync(self.model, sync_grads)  # before forward: DDP decides during forward
+        with self.autocast():
+            return self.model(images)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self) -> torch.Tensor:
+        """Unscale, clip by the global norm, step; returns the norm before clipping."""
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return grad_norm
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+
+    def save(self, directory: Path, step: int, rank_key: str, rank_state: dict) -> None:
+        """DCP by parameter name (DTensor shards and all), so the checkpoint loads under another layout."""
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        state = {
+            "model": model_state,
+            "optim": optim_state,
+            "step": step,
+            "scaler": self.scaler.state_dict(),
+            rank_key: pickle.dumps(rank_state),
+        }
+        dcp.save(state, checkpoint_id=str(directory))
+
+    def load(self, directory: Path, rank_key: str | None) -> tuple[int, dict | None]:
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optim": optim_state, "step": 0}
+        if rank_key:
+            state[rank_key] = b""
+        dcp.load(state, checkpoint_id=str(directory))
+        set_state_dict(
+            self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        )
+        return int(state["step"]), pickle.loads(state[rank_key]) if rank_key else None
+
+
+def build_engine(
+    model: nn.Module,
+    mesh,
+    dims,
+    cfg,
+    device: torch.device,
+    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+):
+    """The engine for `cfg.parallel.strategy`, around a meta-device model."""
+    target = ENGINES.get(cfg.parallel.strategy)
+    if target is None:
+        return TorchEngine(model, mesh, dims, cfg, device, make_optimizer)
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)(model, mesh, dims, cfg, device, make_optimizer)

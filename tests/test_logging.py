@@ -1,0 +1,65 @@
+"""What a user watches: console progress, metrics.jsonl, and the offline W&B run, read back."""
+
+import json
+
+import pytest
+
+from bigvit.train.loggers import console_line, wandb_mode
+from bigvit.train.wandb_offline import read_run
+from tests.helpers import TINY, losses, run_train
+
+pytestmark = pytest.mark.slow
+
+
+def test_offline_wandb_run_holds_the_logged_metrics_and_config(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_train(
+        run_dir,
+        [
+            *TINY,
+            "data=synthetic",
+            "parallel=single",
+            "trainer.max_steps=6",
+            "logger.wandb.mode=offline",
+            "logger.wandb.project=bigvit-test",
+        ],
+    )
+    logs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(logs) == 1
+    run = read_run(logs[0])
+    logged = {row["_step"]: row["train/loss"] for row in run["history"] if "train/loss" in row}
+    assert logged == losses(run_dir) and len(logged) == 6
+    assert any("eval/eval_top1" in row for row in run["history"])
+    assert run["config"]["model"]["width"] == 48 and run["config"]["trainer"]["max_steps"] == 6
+    assert (run_dir / "wandb_id.txt").read_text() in logs[0].name
+    assert "step 6/6 | loss" in result.stdout and "img/s" in result.stdout and "eta" in result.stdout
+
+
+def test_metrics_file_has_one_json_line_per_logged_step(tmp_path):
+    run_dir = tmp_path / "run"
+    run_train(run_dir, [*TINY, "data=synthetic", "parallel=single", "trainer.max_steps=4"])
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
+    assert {"train/lr", "train/grad_norm", "train/images_per_sec", "train/mfu"} <= train_rows[0].keys()
+
+
+def test_console_line_shows_progress_fields():
+    line = console_line(
+        50,
+        200,
+        {"loss": 1.23456, "lr": 3e-4, "grad_norm": 0.5, "images_per_sec": 812.0, "mfu": 0.123},
+        eta_seconds=125,
+    )
+    assert line == "step 50/200 | loss 1.2346 | lr 3.00e-04 | gnorm 0.500 | 812 img/s | mfu 12.3% | eta 2m05s"
+
+
+def test_wandb_goes_offline_without_an_api_key(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
+    assert wandb_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode("auto") == "online"
+    assert wandb_mode("disabled") == "disabled"
