@@ -79,14 +79,6 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 def final_params(run_dir: Path) -> dict:
     """The run's newest checkpointed weights as full tensors, read in this process without a process group."""
-    import torch.distributed.checkpoint as dcp
-    import yaml
+    from bigvit.train.export import load_full_state, resolve_checkpoint
 
-    import bigvit
-
-    checkpoints = sorted((run_dir / "checkpoints").glob("step_*[0-9]"))
-    model_cfg = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]
-    model = bigvit.build_model(model_cfg)
-    state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(checkpoints[-1]))
-    return state["model"]
+    return load_full_state(resolve_checkpoint(run_dir))[0]

@@ -18,6 +18,7 @@ from torch.distributed._composable.replicate import replicate
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard
 
 from bigvit.errors import ConfigError
 from bigvit.parallel.mesh import ParallelDims, dp_mesh
@@ -44,23 +45,35 @@ def apply_compile(model: nn.Module) -> None:
         model.blocks[index] = torch.compile(block)
 
 
+def largest_dim_placement(shard_degree: int) -> Callable[[nn.Parameter], Shard | None]:
+    """Shard a parameter on its largest dim when dim 0 is too short to split (e.g. pos_embed (1, N, D)):
+    FSDP2's default Shard(0) would pad such a tensor to a full copy on every rank."""
+
+    def placement(param: nn.Parameter) -> Shard | None:
+        if isinstance(param, DTensor) or param.ndim < 2 or param.shape[0] >= shard_degree:
+            return None
+        return Shard(max(range(param.ndim), key=lambda dim: param.shape[dim]))
+
+    return placement
+
+
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, cfg, precision: str) -> None:
     """FSDP2: shard each block, then the root (embeddings, final norm, heads)."""
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[precision], reduce_dtype=DTYPES[cfg.reduce_dtype])
     # Pinned host memory needs an accelerator; on a CPU-only machine offload without pinning.
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cfg.cpu_offload else OffloadPolicy()
     reshard = cfg.reshard_after_forward
+    common = dict(
+        mesh=mesh,
+        mp_policy=policy,
+        offload_policy=offload,
+        shard_placement_fn=largest_dim_placement(mesh.shape[-1]),
+    )
     for index, block in enumerate(model.blocks):
         # The last block's parameters are needed again at once by backward: keep them gathered.
         last = index == len(model.blocks) - 1
-        fully_shard(
-            block,
-            mesh=mesh,
-            mp_policy=policy,
-            offload_policy=offload,
-            reshard_after_forward=False if last and reshard is True else reshard,
-        )
-    fully_shard(model, mesh=mesh, mp_policy=policy, offload_policy=offload, reshard_after_forward=reshard)
+        fully_shard(block, reshard_after_forward=False if last and reshard is True else reshard, **common)
+    fully_shard(model, reshard_after_forward=reshard, **common)
 
 
 def apply_ddp(model: nn.Module, mesh: DeviceMesh) -> None:

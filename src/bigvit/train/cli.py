@@ -76,12 +76,15 @@ def resolve_run_dir(cfg: DictConfig, env: DistEnv) -> Path:
 
 
 def closing_line(summary: dict, run_dir: Path) -> str:
-    top1 = "n/a" if summary["eval_top1"] is None else f"{summary['eval_top1']:.4f}"
-    return (
-        f"finished step {summary['final_step']}: eval top-1 {top1} | train loss {summary['train_loss']:.4f} | "
-        f"{summary['images_per_sec']:.0f} img/s | MFU {summary['mfu']:.1%} | {summary['wall_seconds']:.0f} s"
-        f" → {run_dir / 'summary.json'}"
+    fields = (
+        ("eval_top1", "eval top-1 {:.4f}"),
+        ("train_loss", "train loss {:.4f}"),
+        ("images_per_sec", "{:.0f} img/s"),
+        ("mfu", "MFU {:.1%}"),
+        ("wall_seconds", "{:.0f} s"),
     )
+    parts = [fmt.format(summary[key]) for key, fmt in fields if summary.get(key) is not None]
+    return f"finished step {summary['final_step']}: {' | '.join(parts)} → {run_dir / 'summary.json'}"
 
 
 def run(cfg: DictConfig) -> dict:

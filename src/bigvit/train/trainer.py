@@ -114,6 +114,8 @@ class Trainer:
             if (tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0) or last:
                 self.save()
                 self.throughput.reset()
+        if not eval_metrics:  # resumed at the final step: still report the model's quality
+            eval_metrics = self.evaluate()
         summary = self.summary(metrics, eval_metrics, time.perf_counter() - start, first_step)
         self.logger.summary(summary)
         self.logger.finish()

@@ -1,0 +1,60 @@
+"""`bigvit-export CHECKPOINT OUT.safetensors`: full (unsharded) weights of any bigvit checkpoint.
+
+Runs in one process without a process group: torch.distributed.checkpoint reassembles the shards
+that any layout wrote, by parameter name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch.distributed.checkpoint as dcp
+
+from bigvit.models.convert import export_safetensors
+from bigvit.models.registry import build_model
+from bigvit.train.checkpoint import META_FILE, CheckpointError, checkpoint_dirs
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint dir, or the newest one under a run dir or its checkpoints/ dir."""
+    for candidate in (path, path / "checkpoints"):
+        if (candidate / META_FILE).is_file():
+            return candidate
+        found = checkpoint_dirs(candidate)
+        if found:
+            return found[-1]
+    raise CheckpointError(
+        f"no complete bigvit checkpoint at {path} (looked for {META_FILE} there and under checkpoints/)"
+    )
+
+
+def load_full_state(checkpoint: Path) -> tuple[dict, dict]:
+    """(full model state dict, checkpoint metadata)."""
+    meta = json.loads((checkpoint / META_FILE).read_text())
+    model = build_model(meta["model"])
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+    return state["model"], meta
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="bigvit-export", description=__doc__)
+    parser.add_argument("checkpoint", type=Path, help="checkpoint dir, run dir, or run_dir/checkpoints")
+    parser.add_argument("out", type=Path, help="output .safetensors file")
+    args = parser.parse_args(argv)
+    try:
+        checkpoint = resolve_checkpoint(args.checkpoint)
+    except CheckpointError as error:
+        raise SystemExit(f"bigvit: error: {error}") from None
+    state, meta = load_full_state(checkpoint)
+    export_safetensors(state, args.out, {"model": json.dumps(meta["model"]), "step": meta["step"]})
+    print(
+        f"wrote {len(state)} tensors ({sum(t.numel() for t in state.values()):,} parameters) of step "
+        f"{meta['step']} to {args.out}"
+    )
+
+
+if __name__ == "__main__":
+    main()
