@@ -37,7 +37,7 @@ lint: venv
 	$(BIN)/ruff check src tests bench
 
 bench: venv
-	$(BIN)/python bench/step_throughput.py
+	$(BIN)/python bench/step_throughput.py --models vit_s16 --steps 4
 
 clean:
 	rm -rf outputs multirun wandb .pytest_cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import resource
 import sys
 import time
@@ -46,6 +47,22 @@ def peak_memory_bytes(device: torch.device) -> int:
         return torch.cuda.max_memory_allocated(device)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+def live_tensor_bytes(device: torch.device) -> int:
+    """Bytes held by tensors now: the CUDA allocator's count on GPUs; on CPU, the distinct storages of
+    all live tensors (parameters, gradients, optimizer state, buffers), found through the garbage collector."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    storages = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and not obj.is_meta and obj.device.type == "cpu":
+            try:
+                storage = obj.untyped_storage()
+            except RuntimeError:  # tensor subclasses without storage (e.g. DTensor wrappers)
+                continue
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
 
 
 class Throughput:

@@ -22,7 +22,7 @@ from bigvit.scaling.flops import train_flops
 from bigvit.train.checkpoint import Checkpointer, rng_state, set_rng_state
 from bigvit.train.engine import build_engine
 from bigvit.train.loggers import build_loggers, console_line
-from bigvit.train.metrics import Throughput, peak_flops, peak_memory_bytes
+from bigvit.train.metrics import Throughput, live_tensor_bytes, peak_flops, peak_memory_bytes
 
 log = logging.getLogger("bigvit")
 
@@ -239,6 +239,7 @@ class Trainer:
             "wall_seconds": wall_seconds,
             "params": self.num_params,
             "peak_memory_bytes": peak_memory_bytes(self.env.device),
+            "tensor_bytes": live_tensor_bytes(self.env.device),
             "model": self.model_cfg.name,
             "strategy": self.cfg.parallel.strategy,
         }
