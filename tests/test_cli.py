@@ -1,8 +1,11 @@
 """Bad input fails at start-up with one clear line naming the key, the value and the valid set."""
 
+import json
+import subprocess
+
 import pytest
 
-from tests.helpers import TINY, run_train
+from tests.helpers import ROOT, TINY, run_train, train_command
 
 
 def error_lines(result) -> list[str]:
@@ -64,3 +67,20 @@ def test_impossible_values_are_named(tmp_path, override, message):
     )
     result = run_bad(tmp_path, overrides)
     assert message in result.stderr
+
+
+def test_multirun_sweeps_every_point(tmp_path):
+    sweep = [
+        *TINY,
+        "parallel=single",
+        "trainer.max_steps=2",
+        "optim.lr=1e-3,3e-4",
+        f"hydra.sweep.dir={tmp_path}",
+        "trainer.run_dir=${hydra:sweep.dir}/${hydra:job.num}",
+    ]
+    subprocess.run(
+        train_command(["--multirun", *sweep]), cwd=ROOT, check=True, capture_output=True, timeout=300
+    )
+    for job, lr in (("0", 1e-3), ("1", 3e-4)):
+        assert f"lr: {lr}" in (tmp_path / job / "config.yaml").read_text()
+        assert json.loads((tmp_path / job / "summary.json").read_text())["final_step"] == 2

@@ -41,7 +41,13 @@ def test_metrics_file_has_one_json_line_per_logged_step(tmp_path):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "train/loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
-    assert {"train/lr", "train/grad_norm", "train/images_per_sec", "train/mfu"} <= train_rows[0].keys()
+    assert {
+        "train/lr",
+        "train/grad_norm",
+        "train/images_per_sec",
+        "train/mfu",
+        "train/peak_memory_gib",
+    } <= train_rows[0].keys()
 
 
 def test_console_line_shows_progress_fields():

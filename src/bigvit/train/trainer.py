@@ -103,6 +103,7 @@ class Trainer:
                     "loss": all_reduce(loss).item(),
                     "lr": lr,
                     "grad_norm": grad_norm.item(),
+                    "peak_memory_gib": peak_memory_bytes(self.env.device) / 2**30,
                     **self.throughput.report(),
                 }
                 eta = metrics["step_time"] * (tcfg.max_steps - self.step)
