@@ -49,6 +49,16 @@ def train_command(overrides: list[str], nproc: int = 1) -> list[str]:
     ]
 
 
+def train_env(nproc: int) -> dict:
+    """Same threads for every run of a comparison: results in fp32 depend on the reduction order."""
+    return {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1" if nproc > 1 else "2",
+        "WANDB_SILENT": "true",
+    }
+
+
 def run_train(
     run_dir: Path, overrides: list[str], nproc: int = 1, check: bool = True, timeout: float = 300
 ) -> subprocess.CompletedProcess:

@@ -19,6 +19,7 @@ from bigvit.config import register_schemas
 from bigvit.errors import ConfigError
 from bigvit.parallel.distributed import DistEnv, broadcast_object, init_distributed, teardown
 from bigvit.train.checkpoint import CheckpointError
+from bigvit.train.preemption import EXIT_PREEMPTED, Preempted
 from bigvit.train.trainer import Trainer
 
 # An absolute path: the config tree is data (conf/, linked into the package), not an importable module.
@@ -105,6 +106,9 @@ def hydra_main(cfg: DictConfig) -> float | None:
         summary = run(cfg)
     except USER_ERRORS as error:
         raise SystemExit(f"bigvit: error: {error}") from None
+    except Preempted as stop:
+        print(f"bigvit: {stop}", file=sys.stderr)
+        raise SystemExit(EXIT_PREEMPTED) from None
     return summary.get("eval_top1")  # the objective a sweeper optimizes
 
 

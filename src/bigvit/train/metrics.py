@@ -6,6 +6,7 @@ import gc
 import resource
 import sys
 import time
+import warnings
 
 import torch
 
@@ -55,13 +56,18 @@ def live_tensor_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device)
     storages = {}
-    for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and not obj.is_meta and obj.device.type == "cpu":
-            try:
-                storage = obj.untyped_storage()
-            except RuntimeError:  # tensor subclasses without storage (e.g. DTensor wrappers)
+    with warnings.catch_warnings():  # isinstance() touches deprecated lazy attributes of some modules
+        warnings.simplefilter("ignore")
+        objects = gc.get_objects()
+        tensors = [obj for obj in objects if isinstance(obj, torch.Tensor)]
+    for tensor in tensors:
+        try:
+            if tensor.is_meta or tensor.device.type != "cpu":
                 continue
+            storage = tensor.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
+        except RuntimeError:  # wrapper subclasses (DTensor) and storages FSDP has freed
+            continue
     return sum(storages.values())
 
 

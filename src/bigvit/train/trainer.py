@@ -23,6 +23,7 @@ from bigvit.train.checkpoint import Checkpointer, rng_state, set_rng_state
 from bigvit.train.engine import build_engine
 from bigvit.train.loggers import build_loggers, console_line
 from bigvit.train.metrics import Throughput, live_tensor_bytes, peak_flops, peak_memory_bytes
+from bigvit.train.preemption import Preempted, StopSignal
 
 log = logging.getLogger("bigvit")
 
@@ -63,6 +64,7 @@ class Trainer:
             cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True), env.is_main
         )
         self.step = 0
+        self.stop = StopSignal(env.device)
 
         recompute = cfg.parallel.activation_checkpointing != "none"
         flops_per_image = train_flops(self.model_cfg, recompute=recompute)
@@ -115,6 +117,10 @@ class Trainer:
             if (tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0) or last:
                 self.save()
                 self.throughput.reset()
+            elif self.stop.requested():
+                self.save()
+                self.logger.finish()
+                raise Preempted(self.stop.received or "a signal on another rank", self.step)
         if not eval_metrics:  # resumed at the final step: still report the model's quality
             eval_metrics = self.evaluate()
         summary = self.summary(metrics, eval_metrics, time.perf_counter() - start, first_step)
