@@ -13,16 +13,26 @@ from tests.helpers import TINY, final_params, losses, run_train
 
 pytestmark = pytest.mark.slow
 
-COMMON = [*TINY, "data=synthetic", "data.batch_size=8", "trainer.max_steps=5", "trainer.precision=fp32",
-          "optim=sgd", "optim.lr=0.05", "optim.grad_clip=1.0"]
+COMMON = [
+    *TINY,
+    "data=synthetic",
+    "data.batch_size=8",
+    "trainer.max_steps=5",
+    "trainer.precision=fp32",
+    "optim=sgd",
+    "optim.lr=0.05",
+    "optim.grad_clip=1.0",
+]
 
 LAYOUTS = {
     "ddp": (["parallel=ddp"], 2),
     "fsdp": (["parallel=fsdp"], 2),
     "fsdp_no_reshard": (["parallel=fsdp", "parallel.reshard_after_forward=false"], 2),
     "fsdp_ac_full": (["parallel=fsdp", "parallel.activation_checkpointing=full"], 2),
-    "fsdp_ac_selective": (["parallel=fsdp", "parallel.activation_checkpointing=selective",
-                           "parallel.ac_every=2"], 2),
+    "fsdp_ac_selective": (
+        ["parallel=fsdp", "parallel.activation_checkpointing=selective", "parallel.ac_every=2"],
+        2,
+    ),
     "hsdp_2x2": (["parallel=hsdp", "parallel.dp_shard=2"], 4),
 }
 

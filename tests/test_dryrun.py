@@ -22,11 +22,14 @@ def model_cfg(name: str) -> dict:
     return bigvit.model_config(name).to_dict()
 
 
-@pytest.mark.parametrize("name,world_size,layout,shard_degree", [
-    ("vit_22b", 1024, {}, 1024),
-    ("vit_g14", 64, {}, 64),
-    ("vit_e14", 256, {"dp_replicate": 4, "dp_shard": 64}, 64),
-])
+@pytest.mark.parametrize(
+    "name,world_size,layout,shard_degree",
+    [
+        ("vit_22b", 1024, {}, 1024),
+        ("vit_g14", 64, {}, 64),
+        ("vit_e14", 256, {"dp_replicate": 4, "dp_shard": 64}, 64),
+    ],
+)
 def test_per_rank_parameter_bytes_are_the_sharded_share(name, world_size, layout, shard_degree):
     report = dry_run(model_cfg(name), parallel(**layout), world_size)
     ideal = report["total_params"] * 4 / shard_degree  # fp32 master parameters
@@ -37,8 +40,21 @@ def test_per_rank_parameter_bytes_are_the_sharded_share(name, world_size, layout
 
 
 def test_cli_prints_one_json_document():
-    result = subprocess.run([sys.executable, "-m", "bigvit.scaling.plan_cli", "model=vit_22b", "plan.world_size=1024",
-                             "plan.format=json"], cwd=ROOT, capture_output=True, text=True, check=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bigvit.scaling.plan_cli",
+            "model=vit_22b",
+            "plan.world_size=1024",
+            "plan.format=json",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     report = json.loads(result.stdout)
     assert report["world_size"] == 1024 and report["layout"]["dp_shard"] == 1024
     assert {"params_bytes", "grads_bytes", "optimizer_bytes"} <= report.keys()

@@ -32,8 +32,13 @@ def test_fsdp_checkpoint_resumes_in_one_process_with_the_same_eval_loss(fsdp_run
 
 def test_export_writes_the_full_weights(fsdp_run, tmp_path):
     out = tmp_path / "model.safetensors"
-    result = subprocess.run([sys.executable, "-m", "bigvit.train.export", str(fsdp_run), str(out)], cwd=ROOT,
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "bigvit.train.export", str(fsdp_run), str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "of step 4" in result.stdout
     exported, expected = load_file(str(out)), final_params(fsdp_run)
     assert exported.keys() == expected.keys()
@@ -43,6 +48,10 @@ def test_export_writes_the_full_weights(fsdp_run, tmp_path):
 
 
 def test_export_names_a_missing_checkpoint(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "bigvit.train.export", str(tmp_path), str(tmp_path / "x")],
-                            cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "bigvit.train.export", str(tmp_path), str(tmp_path / "x")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode != 0 and "bigvit: error: no complete bigvit checkpoint at" in result.stderr
