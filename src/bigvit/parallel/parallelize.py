@@ -86,7 +86,9 @@ def wrap_fsdp(model: nn.Module, mesh: DeviceMesh, dims: ParallelDims, cfg, preci
 
 def wrap_ddp(model: nn.Module, mesh: DeviceMesh, dims: ParallelDims, cfg, precision: str) -> None:
     if dims.cp > 1:
-        raise ConfigError("parallel.cp needs FSDP, which averages gradients over dp_shard×cp; use parallel=fsdp_cp")
+        raise ConfigError(
+            "parallel.cp needs FSDP, which averages gradients over dp_shard×cp; use parallel=fsdp_cp"
+        )
     if dims.dp_shard > 1 or dims.tp > 1:
         raise ConfigError(f"parallel=ddp replicates only; use dp_replicate=-1, got {dims}")
     apply_ddp(model, mesh["dp_replicate"])
