@@ -1,0 +1,159 @@
+"""Megatron-style tensor parallelism, optionally with sequence parallelism, as DTensor plans.
+
+Per block, `attn.qkv` and `mlp.fc1` are split column-wise and `attn.proj` and `mlp.fc2` row-wise:
+each rank holds whole attention heads (the fused qkv rows are head-interleaved) and a slice of the
+MLP, and attention runs on plain local tensors. Without sequence parallel the residual stream is
+replicated and each sub-layer ends in an all-reduce; with it the stream between blocks is sharded
+on the token dim (Shard(1)), norms and layer scales run on this rank's tokens, and each sub-layer
+is an all-gather (at the norm's output) and a reduce-scatter (at proj / fc2).
+
+Every other parameter (embeddings, norms, layer scales, QK-norms, pooling, head) becomes a
+replicated DTensor on the tp mesh, so optimizer, gradient clipping and checkpoints see one kind of
+tensor, and FSDP later shards all of them the same way over the dp mesh.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInputOutput,
+    RowwiseParallel,
+    parallelize_module,
+)
+from torch.distributed.tensor.placement_types import Placement
+
+from bigvit.errors import ConfigError
+
+TOKENS = Shard(1)  # (batch, tokens, width): sequence parallel shards the token dim
+HEADS = Shard(2)  # (batch, tokens, heads, head_dim): column-wise qkv leaves each rank its own heads
+
+
+class Replicated(ParallelStyle):
+    """Replicate a module's parameters on the mesh and run it on an input of layout `input_layout`
+    (a plain tensor is taken to be this rank's part of it); the output leaves as `output_layout`.
+
+    The input layout is what makes gradients right: a LayerNorm fed this rank's tokens (Shard(1)) or
+    heads (Shard(2)) gets a Partial weight gradient, summed over the tp ranks when first used (FSDP
+    does it before its reduce-scatter; a plain optimizer would on its first op).
+    """
+
+    def __init__(
+        self,
+        input_layout: Placement | None = None,
+        output_layout: Placement | None = None,
+        use_local_output: bool = True,
+    ):
+        self.input_layout = input_layout or Replicate()
+        self.output_layout = output_layout or self.input_layout
+        self.use_local_output = use_local_output
+
+    def _prepare_input(self, module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
+        x = inputs[0]
+        if not isinstance(x, DTensor):
+            x = DTensor.from_local(x, mesh, (self.input_layout,), run_check=False)
+        elif x.placements != (self.input_layout,):
+            x = x.redistribute(placements=(self.input_layout,))
+        return (x, *inputs[1:])
+
+    def _prepare_output(self, module: nn.Module, output: DTensor, mesh: DeviceMesh):
+        if output.placements != (self.output_layout,):
+            output = output.redistribute(placements=(self.output_layout,))
+        return output.to_local() if self.use_local_output else output
+
+    def _apply(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
+        return distribute_module(module, mesh, None, self._prepare_input, self._prepare_output)
+
+
+class ReplicatedModel(Replicated):
+    """The whole model: full images in, full outputs out, as a fresh tensor rather than the view
+    `to_local` returns (FSDP hooks the root's output for backward and warns about views)."""
+
+    def _prepare_output(self, module: nn.Module, output: DTensor, mesh: DeviceMesh):
+        return super()._prepare_output(module, output, mesh).clone()
+
+
+def check_tp_layout(cfg, tp: int, sequence_parallel: bool) -> None:
+    """Raise ConfigError unless heads, MLP width and (with sequence parallel) tokens split over `tp`."""
+    if cfg.heads % tp:
+        valid = [d for d in range(1, cfg.heads + 1) if cfg.heads % d == 0]
+        raise ConfigError(
+            f"model.heads={cfg.heads} does not split over parallel.tp={tp}: tensor parallelism gives "
+            f"each rank whole attention heads; use tp in {valid} or a head count divisible by {tp}"
+        )
+    if cfg.mlp_dim % tp:
+        raise ConfigError(
+            f"model.mlp_dim={cfg.mlp_dim} does not split over parallel.tp={tp}; use a multiple of {tp}"
+        )
+    if sequence_parallel and cfg.num_tokens % tp:
+        raise ConfigError(
+            f"parallel.sequence_parallel=true shards the {cfg.num_tokens} tokens "
+            f"({cfg.num_patches} patches + {cfg.num_prefix_tokens} class/register tokens) over "
+            f"parallel.tp={tp}, which does not divide them; change image/patch size, class_token or "
+            "num_registers, or set parallel.sequence_parallel=false"
+        )
+
+
+def block_plan(block: nn.Module, stream: Placement) -> dict[str, ParallelStyle]:
+    """The plan inside one block whose residual stream has layout `stream` (Replicate or Shard(1)).
+
+    The norm gathers its output to Replicate as a DTensor, so in a parallel block the one norm1
+    output feeds attention and MLP with a single all-gather (and a single reduce-scatter back).
+    """
+    norm = Replicated(input_layout=stream, output_layout=Replicate(), use_local_output=False)
+    plan: dict[str, ParallelStyle] = {
+        "norm1": norm,
+        "attn.qkv": ColwiseParallel(),
+        "attn.proj": RowwiseParallel(output_layouts=stream),
+        "mlp.fc1": ColwiseParallel(),
+        "mlp.fc2": RowwiseParallel(output_layouts=stream),
+    }
+    if not isinstance(block.norm2, nn.Identity):
+        plan["norm2"] = norm
+    for name in ("attn.q_norm", "attn.k_norm"):  # shared over heads: each rank adds its heads' part
+        if not isinstance(block.get_submodule(name), nn.Identity):
+            plan[name] = Replicated(input_layout=HEADS)
+    for name in ("ls1", "ls2"):
+        if not isinstance(block.get_submodule(name), nn.Identity):
+            plan[name] = Replicated(input_layout=stream)
+    return plan
+
+
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = True) -> None:
+    """Shard `model`'s blocks over `tp_mesh` in place (on any device, meta included).
+
+    The ranks of a tp group must be fed the same images; the model still returns full logits,
+    identical on each of them. Every parameter becomes a DTensor on `tp_mesh`. Raises ConfigError
+    (at start-up, before any weight exists) when heads, mlp_dim or tokens do not split over tp.
+    """
+    check_tp_layout(model.cfg, tp_mesh.size(), sequence_parallel)
+    stream = TOKENS if sequence_parallel else Replicate()
+    last = len(model.blocks) - 1
+    for index, block in enumerate(model.blocks):
+        parallelize_module(block, tp_mesh, block_plan(block, stream))
+        # The stream enters block 0 replicated and leaves the last block replicated again.
+        boundary = PrepareModuleInputOutput(
+            input_layouts=Replicate() if index == 0 else stream,
+            desired_input_layouts=stream,
+            use_local_input=True,
+            output_layouts=stream,
+            desired_output_layouts=Replicate() if index == last else stream,
+            use_local_output=False,
+        )
+        parallelize_module(block, tp_mesh, boundary)
+    if model.map_head is not None:
+        # Pooling attention runs on the local (replicated) tensors, as the blocks' kernels do.
+        local = PrepareModuleInputOutput(
+            input_layouts=(Replicate(),) * 3,
+            desired_input_layouts=(Replicate(),) * 3,
+            use_local_input=True,
+            output_layouts=Replicate(),
+            desired_output_layouts=Replicate(),
+            use_local_output=False,
+        )
+        parallelize_module(model.map_head.kernel, tp_mesh, local)
+    # Embeddings, final norm, pooling and head: replicated, run on replicated DTensors.
+    parallelize_module(model, tp_mesh, ReplicatedModel())
