@@ -13,6 +13,9 @@ from tests.helpers import TINY, final_params, losses, run_train
 
 pytestmark = pytest.mark.slow
 
+# A large SGD step with clipping engaged: with the zero-initialized head, small steps leave the blocks
+# almost still and a wrong gradient would go unnoticed in the parameters. Layer-wise LR decay and
+# weight-decay masks are on, so per-parameter groups must survive each layout.
 COMMON = [
     *TINY,
     "data=synthetic",
@@ -20,8 +23,11 @@ COMMON = [
     "trainer.max_steps=5",
     "trainer.precision=fp32",
     "optim=sgd",
-    "optim.lr=0.05",
-    "optim.grad_clip=1.0",
+    "optim.lr=4.0",
+    "optim.momentum=0.0",
+    "optim.grad_clip=0.3",
+    "optim.layer_decay=0.75",
+    "optim.weight_decay=0.01",
 ]
 
 LAYOUTS = {
@@ -33,6 +39,7 @@ LAYOUTS = {
         ["parallel=fsdp", "parallel.activation_checkpointing=selective", "parallel.ac_every=2"],
         2,
     ),
+    "fsdp_cpu_offload": (["parallel=fsdp", "parallel.cpu_offload=true"], 2),
     "hsdp_2x2": (["parallel=hsdp", "parallel.dp_shard=2"], 4),
 }
 
@@ -68,8 +75,8 @@ def test_layout_matches_single_process(tmp_path, reference, layout):
 
 
 def test_clipping_engages_with_the_global_norm(tmp_path, reference):
-    """The reference runs clip at 1.0; the logged norm is the pre-clip norm and must exceed it sometimes."""
-    assert max(grad_norms(reference).values()) > 1.0
+    """The reference runs clip at 0.3; the logged norm is the pre-clip norm and must exceed it."""
+    assert min(grad_norms(reference).values()) > 0.3
 
 
 def test_bf16_fsdp_stays_close_to_fp32(tmp_path, reference):

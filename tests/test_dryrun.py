@@ -26,6 +26,7 @@ def model_cfg(name: str) -> dict:
     "name,world_size,layout,shard_degree",
     [
         ("vit_22b", 1024, {}, 1024),
+        ("vit_22b", 1024, {"tp": 8}, 1024),  # FSDP 128 × TP 8: norms/embeddings replicate over tp
         ("vit_g14", 64, {}, 64),
         ("vit_e14", 256, {"dp_replicate": 4, "dp_shard": 64}, 64),
     ],

@@ -11,7 +11,16 @@ from tests.helpers import ROOT, TINY, final_params, run_train, summary
 
 pytestmark = pytest.mark.slow
 
-COMMON = [*TINY, "data=synthetic", "data.batch_size=8", "trainer.max_steps=4", "trainer.precision=fp32"]
+# Two heads and one register (18 tokens) so that the same checkpoint also fits tensor + sequence parallel.
+COMMON = [
+    *TINY,
+    "model.heads=2",
+    "model.num_registers=1",
+    "data=synthetic",
+    "data.batch_size=8",
+    "trainer.max_steps=4",
+    "trainer.precision=fp32",
+]
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +39,29 @@ def test_fsdp_checkpoint_resumes_in_one_process_with_the_same_eval_loss(fsdp_run
     assert resumed["eval_top1"] == saved["eval_top1"]
 
 
+def test_fsdp_checkpoint_loads_under_fsdp_x_tp_with_identical_parameters(fsdp_run, tmp_path):
+    """Resume on 4 ranks as FSDP 2 × TP 2 and take one step at LR 0: the weights must come back unchanged."""
+    checkpoint = fsdp_run / "checkpoints" / "step_00000004"
+    run_dir = tmp_path / "fsdp_tp"
+    run_train(
+        run_dir,
+        [
+            *COMMON,
+            "parallel=fsdp_tp",
+            "parallel.tp=2",
+            f"trainer.resume={checkpoint}",
+            "trainer.max_steps=5",
+            "optim.lr=0.0",
+        ],
+        nproc=4,
+    )
+    assert summary(run_dir)["eval_loss"] == pytest.approx(summary(fsdp_run)["eval_loss"], rel=1e-5)
+    before, after = final_params(fsdp_run), final_params(run_dir)
+    assert before.keys() == after.keys()
+    for name, tensor in before.items():
+        assert torch.equal(after[name], tensor), name
+
+
 def test_export_writes_the_full_weights(fsdp_run, tmp_path):
     out = tmp_path / "model.safetensors"
     result = subprocess.run(
@@ -44,7 +76,11 @@ def test_export_writes_the_full_weights(fsdp_run, tmp_path):
     assert exported.keys() == expected.keys()
     for name, tensor in expected.items():
         assert torch.equal(exported[name], tensor), name
-    assert exported["pos_embed"].shape == (1, 17, 48)  # sharded on its last dim in training, whole here
+    assert exported["pos_embed"].shape == (
+        1,
+        17,
+        48,
+    )  # class token + 16 patches (registers carry none)  # sharded on its last dim in training, whole here
 
 
 def test_export_names_a_missing_checkpoint(tmp_path):

@@ -50,7 +50,8 @@ def largest_dim_placement(shard_degree: int) -> Callable[[nn.Parameter], Shard |
     FSDP2's default Shard(0) would pad such a tensor to a full copy on every rank."""
 
     def placement(param: nn.Parameter) -> Shard | None:
-        if isinstance(param, DTensor) or param.ndim < 2 or param.shape[0] >= shard_degree:
+        tp_sharded = isinstance(param, DTensor) and not all(p.is_replicate() for p in param.placements)
+        if tp_sharded or param.ndim < 2 or param.shape[0] >= shard_degree:
             return None
         return Shard(max(range(param.ndim), key=lambda dim: param.shape[dim]))
 

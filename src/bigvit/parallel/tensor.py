@@ -7,7 +7,8 @@ replicated and each sub-layer ends in an all-reduce; with it the stream between 
 on the token dim (Shard(1)), norms and layer scales run on this rank's tokens, and each sub-layer
 is an all-gather (at the norm's output) and a reduce-scatter (at proj / fc2).
 
-Every other parameter (embeddings, norms, layer scales, QK-norms, pooling, head) becomes a
+The MAP pooling head is split like a block (without sequence parallel). Every other parameter
+(embeddings, norms, layer scales, QK-norms, probe, classifier) becomes a
 replicated DTensor on the tp mesh, so optimizer, gradient clipping and checkpoints see one kind of
 tensor, and FSDP later shards all of them the same way over the dp mesh.
 """
@@ -145,15 +146,18 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = Tr
         )
         parallelize_module(block, tp_mesh, boundary)
     if model.map_head is not None:
-        # Pooling attention runs on the local (replicated) tensors, as the blocks' kernels do.
-        local = PrepareModuleInputOutput(
-            input_layouts=(Replicate(),) * 3,
-            desired_input_layouts=(Replicate(),) * 3,
-            use_local_input=True,
-            output_layouts=Replicate(),
-            desired_output_layouts=Replicate(),
-            use_local_output=False,
+        # The pooling head is as wide as a block (ViT-22B: ~450M parameters): split it the same way,
+        # full sequence in, full pooled features out; its attention runs on this rank's heads.
+        parallelize_module(
+            model.map_head,
+            tp_mesh,
+            {
+                "q": ColwiseParallel(),
+                "kv": ColwiseParallel(),
+                "proj": RowwiseParallel(use_local_output=False),
+                "mlp.fc1": ColwiseParallel(),
+                "mlp.fc2": RowwiseParallel(use_local_output=False),
+            },
         )
-        parallelize_module(model.map_head.kernel, tp_mesh, local)
     # Embeddings, final norm, pooling and head: replicated, run on replicated DTensors.
     parallelize_module(model, tp_mesh, ReplicatedModel())
