@@ -72,12 +72,12 @@ def main() -> None:
         rows.append(
             {
                 "model": name,
-                "bigvit_img_s": args.batch / median["bigvit"],
-                "timm_img_s": args.batch / median["timm"],
-                "ratio_bigvit_over_timm": median["timm"] / median["bigvit"],
-                "bigvit_mfu_of_fp32_peak": flops / median["bigvit"] / peak,
-                "timm_mfu_of_fp32_peak": flops / median["timm"] / peak,
-                "gflop_per_step": flops / 1e9,
+                "bigvit img/s": args.batch / median["bigvit"],
+                "timm img/s": args.batch / median["timm"],
+                "bigvit/timm": median["timm"] / median["bigvit"],
+                "bigvit MFU": flops / median["bigvit"] / peak,
+                "timm MFU": flops / median["timm"] / peak,
+                "GFLOP/step": flops / 1e9,
             }
         )
     report(
