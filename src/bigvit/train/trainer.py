@@ -30,7 +30,7 @@ log = logging.getLogger("bigvit")
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay, cfg.layer_decay, cfg.no_decay)
-    # foreach kernels need every parameter of a group on one kind of tensor; sharded layouts may mix them.
+    # Each group carries its lr_scale; the schedule sets every group's LR before each step.
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
