@@ -69,3 +69,15 @@ def test_wandb_goes_offline_without_an_api_key(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert wandb_mode("auto") == "online"
     assert wandb_mode("disabled") == "disabled"
+
+
+def test_resumed_run_continues_the_same_wandb_run(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*TINY, "data=synthetic", "parallel=single", "trainer.max_steps=6", "logger.wandb.mode=offline"]
+    run_train(run_dir, [*args, "trainer.stop_step=3"])
+    run_train(run_dir, args)
+    logs = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    run_id = (run_dir / "wandb_id.txt").read_text()
+    assert len(logs) == 2 and all(log.name == f"run-{run_id}.wandb" for log in logs)
+    steps = [row["_step"] for log in logs for row in read_run(log)["history"] if "train/loss" in row]
+    assert steps == [1, 2, 3, 4, 5, 6]

@@ -1,0 +1,57 @@
+"""A rank that dies takes the job down within a bounded time, and the last checkpoint stays usable."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.helpers import ROOT, TINY, run_train, summary, train_command, train_env
+
+pytestmark = pytest.mark.slow
+
+ARGS = [
+    *TINY,
+    "data=synthetic",
+    "parallel=fsdp",
+    "trainer.max_steps=100000",
+    "trainer.checkpoint_every=20",
+    "logger.console_every=10",
+    "trainer.dist_timeout_s=60",
+]
+
+
+def child_pids(pid: int) -> list[int]:
+    result = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return [int(p) for p in result.stdout.split()]
+
+
+def test_killed_rank_ends_the_job_quickly_and_the_checkpoint_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        train_command([f"trainer.run_dir={run_dir}", *ARGS], nproc=2),
+        cwd=ROOT,
+        env=train_env(2),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    checkpoints = run_dir / "checkpoints"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(checkpoints.glob("step_*[0-9]")):
+        time.sleep(0.2)
+    workers = child_pids(process.pid)
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGKILL)
+    killed_at = time.monotonic()
+    process.communicate(timeout=180)
+    assert process.returncode != 0
+    assert time.monotonic() - killed_at < 120
+    # The newest complete checkpoint resumes on a fresh launch.
+    latest = sorted(p for p in checkpoints.iterdir() if not p.name.endswith(".tmp"))[-1]
+    step = json.loads((latest / "bigvit.json").read_text())["step"]
+    resumed_max = step + 2
+    run_train(run_dir, [*ARGS, f"trainer.max_steps={resumed_max}"], nproc=2)
+    assert (summary(run_dir)["first_step"], summary(run_dir)["final_step"]) == (step, resumed_max)
