@@ -35,6 +35,7 @@ test-fast: venv
 
 lint: venv
 	$(BIN)/ruff check src tests bench
+	if [ -x $(BIN)/hadolint ]; then $(BIN)/hadolint docker/Dockerfile; fi
 
 bench: venv
 	$(BIN)/python bench/step_throughput.py --models vit_s16 --steps 4
