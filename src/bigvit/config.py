@@ -9,7 +9,7 @@ from bigvit.models.vit import ViTConfig
 from bigvit.optim.schedule import SCHEDULES, lr_factor
 from bigvit.parallel.parallelize import AC_MODES, DTYPES, STRATEGIES
 
-OPTIMIZERS = ("adamw", "sgd")
+OPTIMIZERS = ("adamw", "sgd", "lean")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 

@@ -8,23 +8,21 @@ from __future__ import annotations
 
 import time
 
-import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from bigvit.errors import ConfigError
 from bigvit.models.registry import build_model, count_params
+from bigvit.optim.lean import optimizer_state_bytes as lean_state_bytes
 from bigvit.parallel.mesh import build_mesh, resolve_dims
 from bigvit.parallel.parallelize import DTYPES, parallelize
 
-# fp32 optimizer states per parameter element.
-OPTIMIZER_STATES = {"adamw": 2, "sgd": 1}
-
-
-def local_numel(param: torch.Tensor) -> int:
-    """Elements this rank stores. Rank 0 holds the largest chunk of an uneven split (torch.chunk), which
-    is also the padded size FSDP2 allocates on every rank."""
-    return (param.to_local() if isinstance(param, DTensor) else param).numel()
+# Optimizer-state bytes of one local parameter shard, by optimizer name.
+OPTIMIZER_BYTES = {
+    "adamw": lambda shape, numel: 8 * numel,  # two fp32 moments
+    "sgd": lambda shape, numel: 4 * numel,  # fp32 momentum
+    "lean": lambda shape, numel: lean_state_bytes(shape),  # bf16 momentum, factored second moment
+}
 
 
 def dry_run(
@@ -47,9 +45,13 @@ def dry_run(
         model = build_model(model_cfg, device="meta")
         total = count_params(model)
         parallelize(model, build_mesh(dims, "cpu"), dims, parallel_cfg, precision)
-        params = [p for p in model.parameters()]
-        elements = sum(local_numel(p) for p in params)
-        param_bytes = sum(local_numel(p) * p.element_size() for p in params)
+        # This is rank 0's shard: the largest of an uneven split, and the padded size FSDP2 allocates everywhere.
+        shards = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
+        elements = sum(shard.numel() for shard in shards)
+        param_bytes = sum(shard.numel() * shard.element_size() for shard in shards)
+        optimizer_bytes = sum(
+            OPTIMIZER_BYTES[optimizer](tuple(shard.shape), shard.numel()) for shard in shards
+        )
     finally:
         dist.destroy_process_group()
     # Gradients are reduced in the reduce dtype into the same sharding; optimizer states are fp32.
@@ -68,6 +70,6 @@ def dry_run(
         "params_per_rank": elements,
         "params_bytes": param_bytes,
         "grads_bytes": grad_bytes,
-        "optimizer_bytes": elements * 4 * OPTIMIZER_STATES[optimizer],
+        "optimizer_bytes": optimizer_bytes,
         "seconds": time.perf_counter() - start,
     }

@@ -15,6 +15,7 @@ from bigvit.config import local_batch_size, validate
 from bigvit.data import build_data, prepare
 from bigvit.models.registry import build_model, count_params
 from bigvit.optim import apply_lr, lr_factor, param_groups
+from bigvit.optim.lean import LeanAdam
 from bigvit.parallel.distributed import DistEnv, all_reduce, barrier
 from bigvit.parallel.mesh import build_mesh, resolve_dims
 from bigvit.parallel.parallelize import DTYPES
@@ -33,6 +34,8 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     # Each group carries its lr_scale; the schedule sets every group's LR before each step.
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    if cfg.name == "lean":
+        return LeanAdam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
@@ -107,6 +110,7 @@ class Trainer:
                     "grad_norm": grad_norm.item(),
                     "peak_memory_gib": peak_memory_bytes(self.env.device) / 2**30,
                     **self.throughput.report(),
+                    **{f"data/{k}": v for k, v in self.skip_counts(self.data.train).items()},
                 }
                 eta = metrics["step_time"] * (tcfg.max_steps - self.step)
                 log.info(console_line(self.step, tcfg.max_steps, metrics, eta))
@@ -166,7 +170,8 @@ class Trainer:
         self.engine.train(False)
         device = self.env.device
         sums = torch.zeros(3, device=device, dtype=torch.float64)  # correct, count, loss
-        batches = iter(self.data.make_eval())
+        loader = self.data.make_eval()
+        batches = iter(loader)
         filler = None
         while True:
             batch = next(batches, None)
@@ -189,16 +194,28 @@ class Trainer:
             "eval_top1": (sums[0] / sums[1]).item(),
             "eval_loss": (sums[2] / sums[1]).item(),
             "eval_samples": int(sums[1].item()),
+            **self.skip_counts(loader),
         }
         log.info(
-            "eval step %d | top-1 %.4f | loss %.4f | %d samples",
+            "eval step %d | top-1 %.4f | loss %.4f | %d samples | %d bad skipped",
             self.step,
             result["eval_top1"],
             result["eval_loss"],
             result["eval_samples"],
+            sum(v for k, v in result.items() if k.startswith("skipped_")),
         )
         self.logger.log({f"eval/{k}": v for k, v in result.items()}, self.step)
         return result
+
+    def skip_counts(self, source) -> dict:
+        """{"skipped_<kind>": bad shards/samples skipped so far, summed over data-parallel ranks} of shard data."""
+        skipped = getattr(source, "skipped", None)
+        if skipped is None:
+            return {}
+        counts = torch.tensor(list(skipped.values()), device=self.env.device, dtype=torch.float64)
+        # Ranks of one cp×tp group read the same data.
+        counts = all_reduce(counts, op="sum") / (self.dims.cp * self.dims.tp)
+        return {f"skipped_{kind}": round(n) for kind, n in zip(skipped, counts.tolist(), strict=True)}
 
     # -- checkpoints ---------------------------------------------------------------------------
     def checkpoint_meta(self) -> dict:
