@@ -19,8 +19,10 @@ from bigvit.data.transforms import eval_transform, train_transform
 class DataBundle:
     """What the trainer needs: an endless resumable train iterable and a factory of eval passes."""
 
-    train: Iterable[dict]  # also has state_dict() / load_state_dict()
-    make_eval: Callable[[], Iterable[dict]] | None
+    train: Iterable[
+        dict
+    ]  # also has state_dict() / load_state_dict(); shard data also `skipped` (kind → count)
+    make_eval: Callable[[], Iterable[dict]] | None  # a pass over shard data also has `skipped` after it ends
 
 
 def expand_urls(spec: str | list[str], key: str) -> list[str]:
@@ -57,7 +59,7 @@ def prepare(cfg) -> None:
 
 
 def build_shard_data(cfg, *, rank: int, world_size: int, local_batch: int, seed: int) -> DataBundle:
-    aug = cfg.augment
+    aug, on_error = cfg.augment, cfg.get("on_error", "warn")
     stream = TrainStream(
         shard_urls(cfg, "train_urls"),
         local_batch,
@@ -66,6 +68,7 @@ def build_shard_data(cfg, *, rank: int, world_size: int, local_batch: int, seed:
         world_size=world_size,
         seed=seed,
         shuffle_buffer=cfg.shuffle_buffer,
+        on_error=on_error,
     )
     eval_urls = shard_urls(cfg, "eval_urls")
     evaluation = eval_transform(cfg.image_size, cfg.crop_pct, cfg.mean, cfg.std)
@@ -73,7 +76,9 @@ def build_shard_data(cfg, *, rank: int, world_size: int, local_batch: int, seed:
     if eval_urls:
 
         def make_eval():
-            stream = EvalStream(eval_urls, local_batch, evaluation, rank=rank, world_size=world_size)
+            stream = EvalStream(
+                eval_urls, local_batch, evaluation, rank=rank, world_size=world_size, on_error=on_error
+            )
             return ResumableLoader.plain_loader(stream, cfg.num_workers)
 
     return DataBundle(ResumableLoader(stream, cfg.num_workers), make_eval)
@@ -91,7 +96,7 @@ def build_synthetic_data(cfg, *, rank: int, world_size: int, local_batch: int, s
     make_eval = (
         (lambda: SyntheticStream(**common, eval_samples=cfg.eval_samples)) if cfg.eval_samples else None
     )
-    return DataBundle(SyntheticStream(**common), make_eval)
+    return DataBundle(SyntheticStream(**common, repeat_batch=cfg.get("repeat_batch", False)), make_eval)
 
 
 BUILDERS = {"digits": build_shard_data, "webdataset": build_shard_data, "synthetic": build_synthetic_data}

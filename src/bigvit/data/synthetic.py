@@ -39,9 +39,11 @@ class SyntheticStream:
         world_size: int,
         seed: int,
         eval_samples: int = 0,
+        repeat_batch: bool = False,
     ):
         self.global_batch, self.num_classes, self.image_size = global_batch, num_classes, image_size
         self.rank, self.world_size, self.seed, self.eval_samples = rank, world_size, seed, eval_samples
+        self.repeat_batch = repeat_batch  # every step sees global batch 0: overfitting and memory checks
         self.local_batch = global_batch // world_size
         self.templates = class_templates(seed, num_classes, image_size)
         self.step = 0
@@ -59,7 +61,7 @@ class SyntheticStream:
                 yield self.batch(indices[start : start + self.local_batch], self.seed + 1)
             return
         while True:
-            first = self.step * self.global_batch + self.rank * self.local_batch
+            first = (0 if self.repeat_batch else self.step) * self.global_batch + self.rank * self.local_batch
             self.step += 1
             yield self.batch(range(first, first + self.local_batch), self.seed)
 
