@@ -60,6 +60,12 @@ def test_console_line_shows_progress_fields():
     assert line == "step 50/200 | loss 1.2346 | lr 3.00e-04 | gnorm 0.500 | 812 img/s | mfu 12.3% | eta 2m05s"
 
 
+def test_console_line_flags_skipped_data():
+    line = console_line(5, 10, {"loss": 1.0, "data/skipped_decode": 2, "data/skipped_read": 1}, eta_seconds=5)
+    assert line == "step 5/10 | loss 1.0000 | skipped 3 bad | eta 0m05s"
+    assert "skipped" not in console_line(5, 10, {"loss": 1.0, "data/skipped_decode": 0}, eta_seconds=5)
+
+
 def test_wandb_goes_offline_without_an_api_key(monkeypatch, tmp_path):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)

@@ -28,6 +28,9 @@ def console_line(step: int, max_steps: int, metrics: dict, eta_seconds: float) -
         ("mfu", "mfu {:.1%}"),
     )
     parts += [fmt.format(metrics[key]) for key, fmt in fields if key in metrics]
+    skipped = sum(v for k, v in metrics.items() if k.startswith("data/skipped_"))
+    if skipped:  # bad data is worth a glance on the console, not only in the metrics
+        parts.append(f"skipped {skipped:.0f} bad")
     parts.append(f"eta {format_duration(eta_seconds)}")
     return " | ".join(parts)
 
