@@ -1,7 +1,8 @@
 """Graceful stop on SIGTERM / SIGUSR1 (schedulers' preemption warnings).
 
-A signal only sets a flag; at the next step boundary all ranks agree (one tiny all-reduce), write a
-checkpoint and leave with EXIT_PREEMPTED, which launch scripts treat as "requeue and resume".
+A signal only sets a flag; at the next logging step (`logger.console_every`, where the loop already
+synchronizes) all ranks agree with one tiny all-reduce, write a checkpoint and leave with
+EXIT_PREEMPTED, which launch scripts treat as "requeue and resume".
 """
 
 from __future__ import annotations

@@ -103,7 +103,8 @@ class Trainer:
             self.step += 1
             self.throughput.step()
             last = self.step == stop_step
-            if self.step % self.cfg.logger.console_every == 0 or last:
+            log_step = self.step % self.cfg.logger.console_every == 0 or last
+            if log_step:
                 metrics = {
                     "loss": all_reduce(loss).item(),
                     "lr": lr,
@@ -121,7 +122,7 @@ class Trainer:
             if (tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0) or last:
                 self.save()
                 self.throughput.reset()
-            elif self.stop.requested():
+            elif log_step and self.stop.requested():  # agreed where the loop syncs anyway, not every step
                 self.save()
                 self.logger.finish()
                 raise Preempted(self.stop.received or "a signal on another rank", self.step)
