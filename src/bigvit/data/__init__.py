@@ -13,6 +13,7 @@ from bigvit.data.shards import ensure_digits, split_urls
 from bigvit.data.stream import EvalStream, ResumableLoader, TrainStream
 from bigvit.data.synthetic import SyntheticStream
 from bigvit.data.transforms import eval_transform, train_transform
+from bigvit.errors import ConfigError
 
 
 @dataclass
@@ -104,5 +105,5 @@ BUILDERS = {"digits": build_shard_data, "webdataset": build_shard_data, "synthet
 
 def build_data(cfg, *, rank: int, world_size: int, local_batch: int, seed: int) -> DataBundle:
     if cfg.kind not in BUILDERS:
-        raise ValueError(f"data.kind={cfg.kind!r} is not one of {sorted(BUILDERS)}")
+        raise ConfigError(f"data.kind={cfg.kind!r} is not one of {sorted(BUILDERS)}")
     return BUILDERS[cfg.kind](cfg, rank=rank, world_size=world_size, local_batch=local_batch, seed=seed)
