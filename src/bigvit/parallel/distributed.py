@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -27,11 +28,41 @@ class DistEnv:
         return self.world_size > 1
 
 
-def init_distributed(timeout_s: float = 600.0) -> DistEnv:
-    """Join the process group that torchrun (or Slurm via torchrun) describes in the environment.
+def slurm_node_address(node: str) -> str:
+    """A node's NodeAddr: usually its name, but only Slurm knows for sure."""
+    info = subprocess.run(["scontrol", "show", "node", node], capture_output=True, text=True, check=True)
+    fields = dict(word.split("=", 1) for word in info.stdout.split() if "=" in word)
+    return fields.get("NodeAddr", node)
 
-    Without torchrun (no WORLD_SIZE), runs as a single process with no process group.
+
+def adopt_slurm_step() -> None:
+    """Describe an srun step with one process per task (as submitit launches) the way torchrun would.
+
+    Only inside a multi-task step and only where no launcher has set WORLD_SIZE: torchrun under
+    Slurm (launch/slurm/train.sbatch) sets its own.
     """
+    tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1"))
+    if "WORLD_SIZE" in os.environ or tasks == 1 or "SLURM_PROCID" not in os.environ:
+        return
+    nodes = subprocess.run(
+        ["scontrol", "show", "hostnames", os.environ["SLURM_STEP_NODELIST"]],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    os.environ.setdefault("MASTER_ADDR", slurm_node_address(nodes.stdout.split()[0]))
+    os.environ.setdefault("MASTER_PORT", str(29500 + int(os.environ["SLURM_JOB_ID"]) % 10000))
+    os.environ["WORLD_SIZE"] = str(tasks)
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+
+
+def init_distributed(timeout_s: float = 600.0) -> DistEnv:
+    """Join the process group that torchrun, or an srun step of several tasks, describes in the environment.
+
+    Without either (no WORLD_SIZE), runs as a single process with no process group.
+    """
+    adopt_slurm_step()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

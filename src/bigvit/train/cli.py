@@ -54,14 +54,14 @@ def git_state() -> dict:
 
 
 def resolve_run_dir(cfg: DictConfig, env: DistEnv) -> Path:
-    """trainer.run_dir, or outputs/<date>/<time>_<name>[_<sweep job>] decided on rank 0 for all ranks."""
+    """trainer.run_dir; in a sweep, the job's own directory (hydra.sweep.dir/subdir), which stays the
+    same when a Slurm sweep job is requeued; else outputs/<date>/<time>_<name> decided on rank 0."""
     run_dir = cfg.trainer.run_dir
     if not run_dir:
-        stamp = time.strftime("%Y-%m-%d/%H-%M-%S")
-        suffix = ""
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-            suffix = f"_{HydraConfig.get().job.num}"
-        run_dir = broadcast_object(f"outputs/{stamp}_{cfg.trainer.name}{suffix}")
+            run_dir = HydraConfig.get().runtime.output_dir
+        else:
+            run_dir = broadcast_object(f"outputs/{time.strftime('%Y-%m-%d/%H-%M-%S')}_{cfg.trainer.name}")
     path = Path(run_dir)
     if env.is_main:
         path.mkdir(parents=True, exist_ok=True)

@@ -2,12 +2,16 @@
 
 A signal only sets a flag; at the next logging step (`logger.console_every`, where the loop already
 synchronizes) all ranks agree with one tiny all-reduce, write a checkpoint and leave with
-EXIT_PREEMPTED, which launch scripts treat as "requeue and resume".
+EXIT_PREEMPTED. Rank 0 also leaves `preempted.json` in the run directory: torchrun reports any
+worker failure as exit 1, so the Slurm script reads the marker, not the code, to decide to requeue.
 """
 
 from __future__ import annotations
 
+import json
 import signal
+import time
+from pathlib import Path
 
 import torch
 
@@ -15,6 +19,15 @@ from bigvit.parallel.distributed import all_reduce
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: try again later
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+MARKER = "preempted.json"
+
+
+def mark_preempted(run_dir: Path, signal_name: str, step: int) -> None:
+    (run_dir / MARKER).write_text(json.dumps({"signal": signal_name, "step": step, "time": time.time()}))
+
+
+def clear_preempted(run_dir: Path) -> None:
+    (run_dir / MARKER).unlink(missing_ok=True)
 
 
 class Preempted(Exception):

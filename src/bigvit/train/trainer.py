@@ -24,7 +24,7 @@ from bigvit.train.checkpoint import Checkpointer, rng_state, set_rng_state
 from bigvit.train.engine import build_engine
 from bigvit.train.loggers import build_loggers, console_line
 from bigvit.train.metrics import Throughput, live_tensor_bytes, peak_flops, peak_memory_bytes
-from bigvit.train.preemption import Preempted, StopSignal
+from bigvit.train.preemption import Preempted, StopSignal, clear_preempted, mark_preempted
 
 log = logging.getLogger("bigvit")
 
@@ -68,6 +68,8 @@ class Trainer:
         )
         self.step = 0
         self.stop = StopSignal(env.device)
+        if env.is_main:
+            clear_preempted(run_dir)
 
         recompute = cfg.parallel.activation_checkpointing != "none"
         flops_per_image = train_flops(self.model_cfg, recompute=recompute)
@@ -125,7 +127,10 @@ class Trainer:
             elif log_step and self.stop.requested():  # agreed where the loop syncs anyway, not every step
                 self.save()
                 self.logger.finish()
-                raise Preempted(self.stop.received or "a signal on another rank", self.step)
+                signal_name = self.stop.received or "a signal on another rank"
+                if self.env.is_main:
+                    mark_preempted(self.run_dir, signal_name, self.step)
+                raise Preempted(signal_name, self.step)
         if not eval_metrics:  # resumed at the final step: still report the model's quality
             eval_metrics = self.evaluate()
         summary = self.summary(metrics, eval_metrics, time.perf_counter() - start, first_step)
