@@ -55,3 +55,30 @@ def test_killed_rank_ends_the_job_quickly_and_the_checkpoint_resumes(tmp_path):
     resumed_max = step + 2
     run_train(run_dir, [*ARGS, f"trainer.max_steps={resumed_max}"], nproc=2)
     assert (summary(run_dir)["first_step"], summary(run_dir)["final_step"]) == (step, resumed_max)
+
+
+def test_stalled_rank_is_flagged_by_the_watchdog_and_the_job_ends(tmp_path):
+    """Rank 1 frozen (SIGSTOP): rank 0 waits in a collective; its watchdog reports where and ends the job."""
+    run_dir = tmp_path / "run"
+    args = [*ARGS, "trainer.dist_timeout_s=600", "trainer.watchdog_s=5"]
+    process = subprocess.Popen(
+        train_command([f"trainer.run_dir={run_dir}", *args], nproc=2),
+        cwd=ROOT,
+        env=train_env(2),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.2)
+    workers = child_pids(process.pid)
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    output, _ = process.communicate(timeout=180)
+    assert process.returncode != 0
+    assert time.monotonic() - stopped_at < 60  # the collective timeout (600 s) would take ten times longer
+    assert "watchdog: rank 0 made no progress for" in output
+    assert "Thread" in output and "trainer.py" in output  # the stack dump says where the loop hung

@@ -6,6 +6,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,7 @@ from bigvit.train.engine import build_engine
 from bigvit.train.loggers import build_loggers, console_line
 from bigvit.train.metrics import Throughput, live_tensor_bytes, peak_flops, peak_memory_bytes
 from bigvit.train.preemption import Preempted, StopSignal, clear_preempted, mark_preempted
+from bigvit.train.watchdog import StepWatchdog
 
 log = logging.getLogger("bigvit")
 
@@ -99,44 +101,54 @@ class Trainer:
         eval_metrics, metrics = {}, {}
         first_step = self.step
         stop_step = min(tcfg.stop_step or tcfg.max_steps, tcfg.max_steps)
-        while self.step < stop_step:
-            lr = self.set_lr()
-            loss, grad_norm = self.train_step(batches)
-            self.step += 1
-            self.throughput.step()
-            last = self.step == stop_step
-            log_step = self.step % self.cfg.logger.console_every == 0 or last
-            if log_step:
-                metrics = {
-                    "loss": all_reduce(loss).item(),
-                    "lr": lr,
-                    "grad_norm": grad_norm.item(),
-                    "peak_memory_gib": peak_memory_bytes(self.env.device) / 2**30,
-                    **self.throughput.report(),
-                    **{f"data/{k}": v for k, v in self.skip_counts(self.data.train).items()},
-                }
-                eta = metrics["step_time"] * (tcfg.max_steps - self.step)
-                log.info(console_line(self.step, tcfg.max_steps, metrics, eta))
-                self.logger.log({f"train/{k}": v for k, v in metrics.items()}, self.step)
-            if (tcfg.eval_every and self.step % tcfg.eval_every == 0) or last:
-                eval_metrics = self.evaluate()
-                self.throughput.reset()  # evaluation time is not training throughput
-            if (tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0) or last:
-                self.save()
-                self.throughput.reset()
-            elif log_step and self.stop.requested():  # agreed where the loop syncs anyway, not every step
-                self.save()
-                self.logger.finish()
-                signal_name = self.stop.received or "a signal on another rank"
-                if self.env.is_main:
-                    mark_preempted(self.run_dir, signal_name, self.step)
-                raise Preempted(signal_name, self.step)
+        with StepWatchdog(tcfg.watchdog_s, tcfg.watchdog_action, self.env.rank) as watchdog:
+            while self.step < stop_step:
+                lr = self.set_lr()
+                loss, grad_norm = self.train_step(batches)
+                self.step += 1
+                self.throughput.step()
+                last = self.step == stop_step
+                log_step = self.step % self.cfg.logger.console_every == 0 or last
+                if log_step:
+                    metrics = self.log_train_metrics(loss, lr, grad_norm)
+                if (tcfg.eval_every and self.step % tcfg.eval_every == 0) or last:
+                    eval_metrics = self.evaluate()
+                    self.throughput.reset()  # evaluation time is not training throughput
+                if (tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0) or last:
+                    self.save()
+                    self.throughput.reset()
+                elif log_step and self.stop.requested():  # agreed where the loop syncs anyway, not every step
+                    self.stop_for_preemption()
+                watchdog.beat(self.step)
         if not eval_metrics:  # resumed at the final step: still report the model's quality
             eval_metrics = self.evaluate()
         summary = self.summary(metrics, eval_metrics, time.perf_counter() - start, first_step)
         self.logger.summary(summary)
         self.logger.finish()
         return summary
+
+    def log_train_metrics(self, loss: torch.Tensor, lr: float, grad_norm: torch.Tensor) -> dict:
+        metrics = {
+            "loss": all_reduce(loss).item(),
+            "lr": lr,
+            "grad_norm": grad_norm.item(),
+            "peak_memory_gib": peak_memory_bytes(self.env.device) / 2**30,
+            **self.throughput.report(),
+            **{f"data/{k}": v for k, v in self.skip_counts(self.data.train).items()},
+        }
+        max_steps = self.cfg.trainer.max_steps
+        log.info(console_line(self.step, max_steps, metrics, metrics["step_time"] * (max_steps - self.step)))
+        self.logger.log({f"train/{k}": v for k, v in metrics.items()}, self.step)
+        return metrics
+
+    def stop_for_preemption(self) -> NoReturn:
+        """A scheduler asked to stop: checkpoint, leave the marker launch scripts requeue on, leave."""
+        self.save()
+        self.logger.finish()
+        signal_name = self.stop.received or "a signal on another rank"
+        if self.env.is_main:
+            mark_preempted(self.run_dir, signal_name, self.step)
+        raise Preempted(signal_name, self.step)
 
     def set_lr(self) -> float:
         scfg = self.cfg.schedule
