@@ -22,6 +22,8 @@ def test_offline_wandb_run_holds_the_logged_metrics_and_config(tmp_path):
             "trainer.max_steps=6",
             "logger.wandb.mode=offline",
             "logger.wandb.project=bigvit-test",
+            "trainer.checkpoint_every=3",
+            "logger.wandb.checkpoint_artifacts=reference",
         ],
     )
     logs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
@@ -33,6 +35,26 @@ def test_offline_wandb_run_holds_the_logged_metrics_and_config(tmp_path):
     assert run["config"]["model"]["width"] == 48 and run["config"]["trainer"]["max_steps"] == 6
     assert (run_dir / "wandb_id.txt").read_text() in logs[0].name
     assert "step 6/6 | loss" in result.stdout and "img/s" in result.stdout and "eta" in result.stdout
+    # Each checkpoint as a version of one artifact, referencing the files in place.
+    assert [(a["type"], a["metadata"]["step"], a["aliases"]) for a in run["artifacts"]] == [
+        ("checkpoint", 3, ["latest", "step_3"]),
+        ("checkpoint", 6, ["latest", "step_6"]),
+    ]
+    files = run["artifacts"][-1]["files"]
+    assert files and all(ref.startswith(f"file://{run_dir}/checkpoints/step_00000006") for ref in files.values())
+
+
+def test_tensorboard_logger_writes_the_logged_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    run_train(run_dir, [*TINY, "data=synthetic", "parallel=single", "trainer.max_steps=4", "logger=tensorboard"])
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    logged = {event.step: event.value for event in events.Scalars("train/loss")}
+    assert logged == pytest.approx(losses(run_dir)) and len(logged) == 4
+    assert "eval/eval_top1" in events.Tags()["scalars"]
+    assert not (run_dir / "wandb").exists()
 
 
 def test_metrics_file_has_one_json_line_per_logged_step(tmp_path):

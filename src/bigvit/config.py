@@ -8,6 +8,7 @@ from bigvit.errors import ConfigError
 from bigvit.models.vit import ViTConfig
 from bigvit.optim.schedule import SCHEDULES, lr_factor
 from bigvit.parallel.parallelize import AC_MODES, DTYPES, STRATEGIES
+from bigvit.train.loggers import CHECKPOINT_ARTIFACTS
 from bigvit.train.watchdog import ACTIONS as WATCHDOG_ACTIONS
 
 OPTIMIZERS = ("adamw", "sgd", "lean")
@@ -38,6 +39,7 @@ def validate(cfg) -> None:
     check_choice("optim.name", cfg.optim.name, OPTIMIZERS)
     check_choice("schedule.name", cfg.schedule.name, SCHEDULES)
     check_choice("logger.wandb.mode", cfg.logger.wandb.mode, WANDB_MODES)
+    check_choice("logger.wandb.checkpoint_artifacts", cfg.logger.wandb.checkpoint_artifacts, CHECKPOINT_ARTIFACTS)
     check_choice("trainer.watchdog_action", cfg.trainer.watchdog_action, WATCHDOG_ACTIONS)
     for key in ("max_steps", "grad_accum"):
         check_positive(f"trainer.{key}", cfg.trainer[key])

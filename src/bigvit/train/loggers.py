@@ -1,4 +1,5 @@
-"""Run loggers: console lines on rank 0, and Weights & Biases (online, offline or disabled)."""
+"""Run loggers on rank 0: console lines, metrics.jsonl, Weights & Biases (online, offline or disabled)
+and TensorBoard, for those without W&B."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ import os
 import uuid
 from pathlib import Path
 
+from bigvit.errors import ConfigError
+
 log = logging.getLogger("bigvit")
+
+# W&B checkpoint artifacts: none; a reference to the files (no copy: checkpoints of big models are
+# terabytes, and the run dir is usually on shared storage); or an upload of the files.
+CHECKPOINT_ARTIFACTS = ("none", "reference", "upload")
 
 
 def format_duration(seconds: float) -> str:
@@ -75,11 +82,25 @@ class WandbLogger:
             id=run_id,
             resume="allow",
         )
+        self.artifacts = cfg.checkpoint_artifacts
         log.info("W&B %s run %s in %s", self.mode, run_id, self.run.dir)
 
     def log(self, metrics: dict, step: int) -> None:
         if self.run is not None:
             self.run.log(metrics, step=step)
+
+    def checkpoint(self, path: Path, step: int) -> None:
+        """Record the checkpoint as a versioned W&B artifact (aliases latest and step_N)."""
+        if self.run is None or self.artifacts == "none":
+            return
+        import wandb
+
+        artifact = wandb.Artifact(f"checkpoint-{self.run.id}", type="checkpoint", metadata={"step": step})
+        if self.artifacts == "reference":
+            artifact.add_reference(path.resolve().as_uri(), name=path.name)
+        else:
+            artifact.add_dir(str(path), name=path.name)
+        self.run.log_artifact(artifact, aliases=["latest", f"step_{step}"])
 
     def summary(self, values: dict) -> None:
         if self.run is not None:
@@ -103,8 +124,38 @@ class JsonlLogger:
     def summary(self, values: dict) -> None:
         pass
 
+    def checkpoint(self, path: Path, step: int) -> None:
+        pass
+
     def finish(self) -> None:
         self.file.close()
+
+
+class TensorBoardLogger:
+    """Scalars in `<run_dir>/tensorboard` (`tensorboard --logdir outputs`); needs `pip install bigvit[tensorboard]`."""
+
+    def __init__(self, run_dir: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as missing:
+            raise ConfigError(
+                "logger.tensorboard=true needs the tensorboard package: pip install 'bigvit[tensorboard]'"
+            ) from missing
+        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def log(self, metrics: dict, step: int) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, global_step=step)
+
+    def summary(self, values: dict) -> None:
+        self.writer.add_text("summary", "\n".join(f"    {k}: {v}" for k, v in values.items()))
+
+    def checkpoint(self, path: Path, step: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        self.writer.close()
 
 
 class Loggers:
@@ -121,6 +172,10 @@ class Loggers:
         for logger in self.loggers:
             logger.summary(values)
 
+    def checkpoint(self, path: Path, step: int) -> None:
+        for logger in self.loggers:
+            logger.checkpoint(path, step)
+
     def finish(self) -> None:
         for logger in self.loggers:
             logger.finish()
@@ -129,4 +184,7 @@ class Loggers:
 def build_loggers(cfg, run_dir: Path, config: dict, is_main: bool) -> Loggers:
     if not is_main:
         return Loggers([])
-    return Loggers([JsonlLogger(run_dir / "metrics.jsonl"), WandbLogger(cfg.wandb, run_dir, config)])
+    loggers = [JsonlLogger(run_dir / "metrics.jsonl"), WandbLogger(cfg.wandb, run_dir, config)]
+    if cfg.tensorboard:
+        loggers.append(TensorBoardLogger(run_dir))
+    return Loggers(loggers)

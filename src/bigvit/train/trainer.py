@@ -247,6 +247,7 @@ class Trainer:
         rank_state = {"data": self.data.train.state_dict(), "rng": rng_state()}
         path = self.checkpointer.save(self.step, self.engine, rank_state, self.checkpoint_meta())
         log.info("checkpoint step %d → %s", self.step, path)
+        self.logger.checkpoint(path, self.step)
 
     def resume(self) -> None:
         setting = str(self.cfg.trainer.resume)

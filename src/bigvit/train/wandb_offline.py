@@ -43,10 +43,13 @@ def item_key(item) -> str:
 
 
 def read_run(path: str | Path) -> dict:
-    """{"history": [row dicts with _step], "config": {key: value}} of an offline run log."""
+    """{"history": [row dicts with _step], "config": {key: value}, "artifacts": [...]} of an offline run log.
+
+    Each artifact: {"name", "type", "aliases", "metadata", "files": {path: reference URI or digest}}.
+    """
     from wandb.proto import wandb_internal_pb2
 
-    history, config = [], {}
+    history, config, artifacts = [], {}, []
     for raw in raw_records(path):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(raw)
@@ -56,4 +59,15 @@ def read_run(path: str | Path) -> dict:
         elif kind in ("run", "config"):
             items = record.run.config.update if kind == "run" else record.config.update
             config.update({item_key(item): json.loads(item.value_json) for item in items})
-    return {"history": history, "config": config}
+        elif kind == "artifact":
+            artifact = record.artifact
+            artifacts.append(
+                {
+                    "name": artifact.name,
+                    "type": artifact.type,
+                    "aliases": list(artifact.aliases),
+                    "metadata": json.loads(artifact.metadata or "{}"),
+                    "files": {e.path: e.ref or e.digest for e in artifact.manifest.contents},
+                }
+            )
+    return {"history": history, "config": config, "artifacts": artifacts}
