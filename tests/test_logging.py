@@ -35,6 +35,7 @@ def test_offline_wandb_run_holds_the_logged_metrics_and_config(tmp_path):
     assert run["config"]["model"]["width"] == 48 and run["config"]["trainer"]["max_steps"] == 6
     assert (run_dir / "wandb_id.txt").read_text() in logs[0].name
     assert "step 6/6 | loss" in result.stdout and "img/s" in result.stdout and "eta" in result.stdout
+    assert "step 6/6 | loss" in (run_dir / "train.log").read_text()  # the console, kept in the run dir
     # Each checkpoint as a version of one artifact, referencing the files in place.
     assert [(a["type"], a["metadata"]["step"], a["aliases"]) for a in run["artifacts"]] == [
         ("checkpoint", 3, ["latest", "step_3"]),

@@ -42,6 +42,14 @@ def setup_logging(env: DistEnv) -> None:
     logger.propagate = False
 
 
+def log_to_run_dir(run_dir: Path, env: DistEnv) -> None:
+    """Rank 0's console lines also go to <run_dir>/train.log (appended across resumes and requeues)."""
+    if env.is_main:
+        handler = logging.FileHandler(run_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+        logging.getLogger("bigvit").addHandler(handler)
+
+
 def git_state() -> dict:
     def git(*args: str) -> str:
         result = subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent)
@@ -93,6 +101,7 @@ def run(cfg: DictConfig) -> dict:
     setup_logging(env)
     try:
         run_dir = resolve_run_dir(cfg, env)
+        log_to_run_dir(run_dir, env)
         summary = Trainer(cfg, env, run_dir).fit()
         logging.getLogger("bigvit").info(closing_line(summary, run_dir))
         return summary
