@@ -23,7 +23,7 @@ TINY = [
     "logger=none",
     "logger.console_every=1",
     "schedule.warmup_steps=2",
-    "trainer.peak_tflops=1",
+    "hardware.peak_tflops=1",
 ]
 
 

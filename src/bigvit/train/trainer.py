@@ -75,7 +75,7 @@ class Trainer:
 
         recompute = cfg.parallel.activation_checkpointing != "none"
         flops_per_image = train_flops(self.model_cfg, recompute=recompute)
-        peak = peak_flops(env.device, DTYPES[tcfg.precision], tcfg.peak_tflops) * env.world_size
+        peak = peak_flops(env.device, DTYPES[tcfg.precision], cfg.hardware.peak_tflops) * env.world_size
         self.throughput = Throughput(cfg.data.batch_size, flops_per_image, peak)
         log.info(
             "model %s: %s parameters, %.2f GFLOP/image (train) | layout %s %s | global batch %d = %d/rank "
