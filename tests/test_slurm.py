@@ -24,17 +24,27 @@ CLUSTER = ROOT / "tests" / "slurm" / "local_cluster.sh"
 SBATCH = ROOT / "launch" / "slurm" / "train.sbatch"
 
 
-def cluster_up() -> bool:
+USABLE_STATES = ("idle", "mixed", "allocated", "completing")
+
+
+def cluster_up(wait_s: float = 30) -> bool:
+    """Both nodes answer and take jobs (nodes still completing an earlier test's job count)."""
     if shutil.which("sinfo") is None:
         return False
-    nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True, timeout=30)
-    states = [line.split()[1] for line in nodes.stdout.splitlines()]
-    return nodes.returncode == 0 and len(states) == 2 and all(s in ("idle", "mixed", "allocated") for s in states)
+    deadline = time.monotonic() + wait_s
+    while True:
+        nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True, timeout=30)
+        states = [line.split()[1] for line in nodes.stdout.splitlines()]
+        if nodes.returncode == 0 and len(states) == 2 and all(state in USABLE_STATES for state in states):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(1)
 
 
 @pytest.fixture(scope="module")
 def slurm():
-    if not cluster_up():
+    if not cluster_up(wait_s=0):
         actions = ["start"] if shutil.which("slurmctld") else ["install", "start"]
         can_set_up = os.geteuid() == 0 and (shutil.which("slurmctld") or shutil.which("apt-get"))
         if can_set_up:
