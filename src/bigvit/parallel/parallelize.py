@@ -46,14 +46,16 @@ def apply_compile(model: nn.Module) -> None:
 
 
 def largest_dim_placement(shard_degree: int) -> Callable[[nn.Parameter], Shard | None]:
-    """Shard a parameter on its largest dim when dim 0 is too short to split (e.g. pos_embed (1, N, D)):
-    FSDP2's default Shard(0) would pad such a tensor to a full copy on every rank."""
+    """Shard a parameter on its largest evenly divisible dim when dim 0 is too short to split (e.g.
+    pos_embed (1, N, D)): FSDP2's default Shard(0) would pad such a tensor to a full copy on every rank.
+    FSDP2 splits only dim 0 unevenly, so with no dim that divides, Shard(0) (padded) it stays."""
 
     def placement(param: nn.Parameter) -> Shard | None:
         tp_sharded = isinstance(param, DTensor) and not all(p.is_replicate() for p in param.placements)
         if tp_sharded or param.ndim < 2 or param.shape[0] >= shard_degree:
             return None
-        return Shard(max(range(param.ndim), key=lambda dim: param.shape[dim]))
+        divisible = [dim for dim in range(1, param.ndim) if param.shape[dim] % shard_degree == 0]
+        return Shard(max(divisible, key=lambda dim: param.shape[dim])) if divisible else None
 
     return placement
 

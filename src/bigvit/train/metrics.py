@@ -11,7 +11,7 @@ import warnings
 import torch
 
 # Dense bf16 tensor-core peaks (TFLOP/s) by device-name fragment; fp32 matmuls run on TF32 at half this.
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
+from bigvit.scaling.hardware import PEAK_BF16_TFLOPS
 
 
 def measure_matmul_flops(
@@ -72,14 +72,17 @@ def live_tensor_bytes(device: torch.device) -> int:
 
 
 class Throughput:
-    """Images/s and MFU over the steps since the last report."""
+    """Images/s, MFU and HFU over the steps since the last report.
 
-    def __init__(self, images_per_step: int, flops_per_image: float, peak_flops_total: float):
-        self.images_per_step, self.flops_per_image, self.peak = (
-            images_per_step,
-            flops_per_image,
-            peak_flops_total,
-        )
+    MFU counts the model's FLOPs (forward + backward, PaLM's definition); HFU also counts what the
+    hardware recomputes under activation checkpointing.
+    """
+
+    def __init__(
+        self, images_per_step: int, model_flops: float, peak_flops_total: float, hardware_flops: float | None = None
+    ):
+        self.images_per_step, self.peak = images_per_step, peak_flops_total
+        self.model_flops, self.hardware_flops = model_flops, hardware_flops or model_flops
         self.reset()
 
     def reset(self) -> None:
@@ -96,5 +99,6 @@ class Throughput:
         return {
             "images_per_sec": images_per_sec,
             "step_time": step_time,
-            "mfu": images_per_sec * self.flops_per_image / self.peak,
+            "mfu": images_per_sec * self.model_flops / self.peak,
+            "hfu": images_per_sec * self.hardware_flops / self.peak,
         }

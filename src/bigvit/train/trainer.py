@@ -73,10 +73,11 @@ class Trainer:
         if env.is_main:
             clear_preempted(run_dir)
 
-        recompute = cfg.parallel.activation_checkpointing != "none"
-        flops_per_image = train_flops(self.model_cfg, recompute=recompute)
+        flops_per_image = train_flops(self.model_cfg)
+        recompute = cfg.parallel.activation_checkpointing == "full"
+        hardware_flops = train_flops(self.model_cfg, recompute=recompute)
         peak = peak_flops(env.device, DTYPES[tcfg.precision], cfg.hardware.peak_tflops) * env.world_size
-        self.throughput = Throughput(cfg.data.batch_size, flops_per_image, peak)
+        self.throughput = Throughput(cfg.data.batch_size, flops_per_image, peak, hardware_flops)
         log.info(
             "model %s: %s parameters, %.2f GFLOP/image (train) | layout %s %s | global batch %d = %d/rank "
             "× %d dp × %d accum | peak %.1f TFLOP/s",
