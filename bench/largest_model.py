@@ -1,10 +1,14 @@
 """The largest ViT this 2-core, 24 GiB machine trains: real optimizer steps, peak memory per process.
 
 ViT-g/14 (1.01 B parameters) at 224 px with FSDP2 on 2 processes and full activation checkpointing,
-AdamW (or `--optim lean`), on one fixed synthetic batch so the loss must fall. The dry run's per-rank
-model-state bytes are printed beside the measured tensor bytes.
+AdamW (or `--optim lean`), on one fixed synthetic batch so the loss must fall; ViT-G/14 (1.84 B) with
+the lean optimizer in one process (`--nproc 1`: two FSDP2 processes would each carry ~2.7 GiB of
+runtime beside their shards, more than this machine has). Printed beside the measurement: the dry
+run's per-rank model-state bytes and the planner's peak (scaling/memory.py, the same model the cluster
+planner uses), with the reserve set to the measured RSS of a bare process (Python, torch, bigvit).
 
-    python bench/largest_model.py [--model vit_g14] [--optim adamw] [--steps 3]
+    python bench/largest_model.py [--model vit_g14] [--optim adamw] [--steps 3] [--nproc 2]
+    python bench/largest_model.py --model vit_G14 --optim lean --nproc 1
 """
 
 from __future__ import annotations
@@ -20,6 +24,29 @@ from pathlib import Path
 from common import ROOT, report
 
 
+def bare_process_rss() -> int:
+    """Resident bytes of a process that has imported everything training imports, before any model."""
+    probe = "import psutil, torch, bigvit.train.cli; print(psutil.Process().memory_info().rss)"
+    return int(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout)
+
+
+def planner_peak(args, layout: str) -> float:
+    """The planner's per-process peak for this run: model state, activations, buffers, allocator overhead."""
+    import bigvit
+    from bigvit.parallel.mesh import ParallelDims
+    from bigvit.scaling.assumptions import Assumptions
+    from bigvit.scaling.layouts import Layout
+    from bigvit.scaling.memory import memory_breakdown
+
+    cfg = bigvit.model_config(args.model, num_classes=1000, image_size=args.image_size)
+    dims = ParallelDims(1, args.nproc, 1, 1)
+    assumptions = Assumptions(reserved_gib=bare_process_rss() / 2**30)
+    memory = memory_breakdown(
+        cfg, Layout(layout, layout, dims, "full"), 2 // args.nproc, 1, assumptions, args.optim, "fp32", "fp32"
+    )
+    return memory["total_bytes"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -28,11 +55,13 @@ def main() -> None:
     parser.add_argument("--optim", default="adamw", choices=["adamw", "lean"])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--nproc", type=int, default=2, choices=[1, 2])
     args = parser.parse_args()
+    layout = "fsdp" if args.nproc > 1 else "single"
     run_dir = Path(tempfile.mkdtemp(prefix="bigvit-largest-"))
     overrides = [
         f"model={args.model}",
-        "parallel=fsdp",
+        f"parallel={layout}",
         "parallel.activation_checkpointing=full",
         f"optim={args.optim}",
         "optim.lr=1e-4",
@@ -50,17 +79,10 @@ def main() -> None:
         f"trainer.run_dir={run_dir}",
         "trainer.keep_checkpoints=0",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "bigvit.train",
-        *overrides,
-    ]
+    env = {**os.environ, "OMP_NUM_THREADS": str(2 // args.nproc), "WANDB_MODE": "disabled"}
+    command = [sys.executable, "-m", "bigvit.train", *overrides]
+    if args.nproc > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *command[1:]]
     subprocess.run(command, cwd=ROOT, env=env, check=True)
     summary = json.loads((run_dir / "summary.json").read_text())
     losses = [
@@ -74,9 +96,9 @@ def main() -> None:
             "-m",
             "bigvit.scaling.plan_cli",
             f"model={args.model}",
-            "parallel=fsdp",
+            f"parallel={layout}",
             f"optim={args.optim}",
-            "plan.world_size=2",
+            f"plan.world_size={args.nproc}",
             "plan.format=json",
             "trainer.precision=fp32",
             "model.num_classes=1000",
@@ -89,6 +111,7 @@ def main() -> None:
     )
     planned = json.loads(plan.stdout)
     model_state = planned["params_bytes"] + planned["grads_bytes"] + planned["optimizer_bytes"]
+    predicted = planner_peak(args, layout)
     rows = [
         {
             "model": args.model,
@@ -101,6 +124,8 @@ def main() -> None:
             "peak RSS GiB/proc": summary["peak_memory_bytes"] / 2**30,
             "tensors GiB/proc": summary["tensor_bytes"] / 2**30,
             "dry-run model state GiB/rank": model_state / 2**30,
+            "planner peak GiB/proc": predicted / 2**30,
+            "measured/planner": summary["peak_memory_bytes"] / predicted,
         }
     ]
     report(

@@ -22,7 +22,7 @@ CHECKPOINTING = ("none", "full")
 @dataclass(frozen=True)
 class Layout:
     name: str  # e.g. "fsdp_tp8+ac"
-    strategy: str  # fsdp (FSDP2, also HSDP/TP/CP) | ddp | deepspeed
+    strategy: str  # fsdp (FSDP2, also HSDP/TP/CP) | ddp | deepspeed | single (one process)
     dims: ParallelDims
     checkpointing: str = "none"
     zero_stage: int = 0  # DeepSpeed only

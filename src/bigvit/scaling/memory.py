@@ -1,6 +1,7 @@
 """Per-GPU memory of a layout: model states, activations, communication buffers and overheads.
 
 Buffers, by strategy (sizes per GPU; p = compute-dtype bytes, r = reduce-dtype bytes):
+- single (one process): none.
 - FSDP2: `prefetch_blocks` blocks gathered unsharded (p each) plus the root module (embeddings, heads),
   which FSDP2 keeps gathered between forward and backward; one block's unsharded gradients and the
   reduce-dtype copy FSDP2 reduce-scatters from (p + r); with gradient accumulation, the unsharded gradients
@@ -65,6 +66,8 @@ def buffer_bytes(
     sizes = unsharded_elements(cfg, layout.dims.tp)
     block, root, total = sizes["block"], sizes["root"], param_count(cfg)
     gathered = (assumptions.prefetch_blocks * block + root) * p
+    if layout.strategy == "single":  # one process, no collectives
+        return {}
     if layout.strategy == "fsdp":
         local_model = cfg.depth * block + root
         return {
