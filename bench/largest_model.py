@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -128,6 +129,7 @@ def main() -> None:
             "measured/planner": summary["peak_memory_bytes"] / predicted,
         }
     ]
+    shutil.rmtree(run_dir)  # the checkpoint of a billion-parameter model is tens of GB
     report(
         f"largest_model_{args.model}_{args.optim}",
         "FSDP2 × 2 processes + full AC, fp32, batch 2 @224",

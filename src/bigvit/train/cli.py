@@ -19,6 +19,7 @@ from bigvit.config import register_schemas
 from bigvit.errors import ConfigError
 from bigvit.parallel.distributed import DistEnv, broadcast_object, init_distributed, teardown
 from bigvit.train.checkpoint import CheckpointError
+from bigvit.train.loggers import format_rate
 from bigvit.train.preemption import EXIT_PREEMPTED, Preempted
 from bigvit.train.trainer import Trainer
 
@@ -88,11 +89,12 @@ def closing_line(summary: dict, run_dir: Path) -> str:
     fields = (
         ("eval_top1", "eval top-1 {:.4f}"),
         ("train_loss", "train loss {:.4f}"),
-        ("images_per_sec", "{:.0f} img/s"),
+        ("images_per_sec", "{} img/s"),
         ("mfu", "MFU {:.1%}"),
         ("wall_seconds", "{:.0f} s"),
     )
-    parts = [fmt.format(summary[key]) for key, fmt in fields if summary.get(key) is not None]
+    shown = {**summary, "images_per_sec": format_rate(summary.get("images_per_sec") or 0.0)}
+    parts = [fmt.format(shown[key]) for key, fmt in fields if summary.get(key) is not None]
     return f"finished step {summary['final_step']}: {' | '.join(parts)} → {run_dir / 'summary.json'}"
 
 

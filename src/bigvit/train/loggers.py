@@ -25,13 +25,20 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
+def format_rate(value: float) -> str:
+    """812 | 45.3 | 0.025: whole numbers when large, digits when small (a 1B-parameter step on a CPU)."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.1f}" if value >= 1 else f"{value:.3f}"
+
+
 def console_line(step: int, max_steps: int, metrics: dict, eta_seconds: float) -> str:
+    if "images_per_sec" in metrics:
+        metrics = {**metrics, "images_per_sec": format_rate(metrics["images_per_sec"])}
     parts = [f"step {step}/{max_steps}"]
     fields = (
         ("loss", "loss {:.4f}"),
         ("lr", "lr {:.2e}"),
         ("grad_norm", "gnorm {:.3f}"),
-        ("images_per_sec", "{:.0f} img/s"),
+        ("images_per_sec", "{} img/s"),
         ("mfu", "mfu {:.1%}"),
     )
     parts += [fmt.format(metrics[key]) for key, fmt in fields if key in metrics]
