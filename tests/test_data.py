@@ -8,8 +8,10 @@ import torch
 from omegaconf import OmegaConf
 
 from bigvit.data import build_data, expand_urls
+from bigvit.data.plan import SourcePlan
+from bigvit.data.reader import read_units, shard_sizes
 from bigvit.data.shards import write_digits, write_split
-from bigvit.data.stream import EvalStream, ResumableLoader, TrainStream, epoch_units, raw_samples
+from bigvit.data.stream import EvalStream, ResumableLoader, TrainStream
 from bigvit.data.synthetic import SyntheticStream
 from bigvit.data.transforms import eval_transform, train_transform
 
@@ -40,16 +42,22 @@ def test_digits_are_written_once_with_a_fixed_split(digits_dir):
     assert again == index
 
 
-@pytest.mark.parametrize("ranks,workers", [(2, 2), (4, 3), (1, 1)])
-def test_epoch_units_cover_every_sample_once(tmp_path, ranks, workers):
+@pytest.mark.parametrize("ranks,workers", [(2, 2), (4, 3), (1, 1), (8, 8)])
+def test_epoch_plans_give_every_slot_an_equal_stretch_covering_every_sample(tmp_path, ranks, workers):
     urls, keys = uneven_shards(tmp_path)
     slots = ranks * workers
-    seen = Counter(
-        s["__key__"]
+    plan = SourcePlan(shard_sizes(urls), seed=3)
+    per_slot = [
+        [s["__key__"] for _, _, s in read_units(plan.units(1, slot, slots), urls, None)]
         for slot in range(slots)
-        for s in raw_samples(epoch_units(urls, slot, slots, seed=3, epoch=1))
-    )
-    assert seen == Counter(keys)
+    ]
+    length = -(-len(keys) // slots)  # every slot reads ceil(N / slots) samples
+    assert {len(keys_read) for keys_read in per_slot} == {length}
+    # The pad rule: the epoch's order, continued from its start, fills the slots' stretches.
+    order = [s["__key__"] for _, _, s in read_units(plan.units(1, 0, 1), urls, None)]
+    assert sorted(order) == sorted(keys)
+    padded = list(itertools.islice(itertools.cycle(order), slots * length))
+    assert [key for keys_read in per_slot for key in keys_read] == padded
 
 
 def test_every_eval_sample_is_scored_once_across_ranks_and_workers(digits_dir):
@@ -94,14 +102,6 @@ def test_resumed_stream_repeats_the_uninterrupted_sequence_exactly(digits_dir, w
     for expected, got in zip(uninterrupted, head + tail, strict=True):
         assert torch.equal(expected["label"], got["label"])
         assert torch.equal(expected["image"], got["image"])
-
-
-def test_resume_with_another_layout_is_refused_with_both_layouts_named(digits_dir):
-    root, index = digits_dir
-    urls = [str(root / name) for name in index["splits"]["train"]["shards"]]
-    state = make_loader(urls, workers=2).state_dict()
-    with pytest.raises(ValueError, match=r"saved with \(num_workers, world_size\)=\(2, 1\).*\(1, 1\)"):
-        make_loader(urls, workers=1).load_state_dict(state)
 
 
 def test_ranks_read_different_samples(digits_dir):

@@ -7,23 +7,30 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import webdataset as wds
 
+from bigvit.data.reader import is_local, shard_sizes
 from bigvit.data.shards import ensure_digits, split_urls
-from bigvit.data.stream import EvalStream, ResumableLoader, TrainStream
+from bigvit.data.stream import EvalStream, ResumableLoader, Source, TrainStream, merge_states
 from bigvit.data.synthetic import SyntheticStream
-from bigvit.data.transforms import eval_transform, train_transform
+from bigvit.data.transforms import BatchPrep, Mixup, eval_transform, on_device, train_transform
 from bigvit.errors import ConfigError
+
+__all__ = ["DataBundle", "build_data", "expand_urls", "merge_states", "prepare"]
 
 
 @dataclass
 class DataBundle:
     """What the trainer needs: an endless resumable train iterable and a factory of eval passes."""
 
-    train: Iterable[
-        dict
-    ]  # also has state_dict() / load_state_dict(); shard data also `skipped` (kind → count)
+    # Also has state_dict() (this rank's part) / load_state_dict(merge_states(every rank's part)),
+    # which resumes at any layout; shard data also has `skipped` (kind → count).
+    train: Iterable[dict]
     make_eval: Callable[[], Iterable[dict]] | None  # a pass over shard data also has `skipped` after it ends
+    # A training batch → (images, labels) on the device, ready for the model and the loss (shard data:
+    # uint8 → normalized float, then mixup/cutmix). Evaluation batches arrive normalized.
+    device_batch: Callable[[dict, torch.device], tuple[torch.Tensor, torch.Tensor]] = on_device
 
 
 def expand_urls(spec: str | list[str], key: str) -> list[str]:
@@ -33,7 +40,7 @@ def expand_urls(spec: str | list[str], key: str) -> list[str]:
     for item in specs:
         for url in wds.shardlists.expand_urls(str(item)):
             urls.extend(sorted(glob.glob(url)) if any(c in url for c in "*?[") else [url])
-    local = [u for u in urls if not u.startswith("pipe:") and "://" not in u]
+    local = [u for u in urls if is_local(u)]
     missing = [u for u in local if not Path(u).is_file()]
     if not urls or missing:
         first = missing[0] if missing else specs
@@ -59,12 +66,51 @@ def prepare(cfg) -> None:
         ensure_digits(cfg.root, cfg.image_size, cfg.split_seed)
 
 
+def train_sources(cfg) -> list[Source]:
+    """`data.sources` (a list of {urls, weight}) or `data.train_urls` as one source of weight 1."""
+    sources = cfg.get("sources")
+    if not sources:
+        urls = shard_urls(cfg, "train_urls")
+        if not urls:
+            raise ConfigError(
+                "data.train_urls is not set: give shard URLs (a brace pattern, glob, list or pipe: "
+                "command), or data.sources=[{urls: ..., weight: ...}, ...]"
+            )
+        return [Source(tuple(urls))]
+    if cfg.kind != "webdataset" or cfg.get("train_urls"):
+        raise ConfigError(
+            f"data.sources is for data=webdataset without data.train_urls (data.kind={cfg.kind!r}, "
+            f"data.train_urls={cfg.get('train_urls')!r}); give one or the other"
+        )
+    parsed = []
+    for i, source in enumerate(sources):
+        weight = source.get("weight", 1.0)
+        if not isinstance(weight, int | float) or weight <= 0:
+            raise ConfigError(f"data.sources[{i}].weight={weight!r} must be a positive number")
+        if not source.get("urls"):
+            raise ConfigError(f"data.sources[{i}] has no urls: expected {{urls: PATTERN, weight: W}}")
+        parsed.append(Source(tuple(expand_urls(source.urls, f"sources[{i}].urls")), float(weight)))
+    return parsed
+
+
+def build_mix(cfg) -> Mixup | None:
+    aug = cfg.augment
+    mix = Mixup(
+        cfg.num_classes,
+        aug.get("mixup_alpha", 0.0),
+        aug.get("cutmix_alpha", 0.0),
+        aug.get("mix_prob", 1.0),
+        aug.get("mix_switch_prob", 0.5),
+    )
+    return mix if mix.enabled else None
+
+
 def build_shard_data(cfg, *, rank: int, world_size: int, local_batch: int, seed: int) -> DataBundle:
     aug, on_error = cfg.augment, cfg.get("on_error", "warn")
     stream = TrainStream(
-        shard_urls(cfg, "train_urls"),
+        train_sources(cfg),
         local_batch,
-        train_transform(cfg.image_size, aug.scale, aug.ratio, aug.hflip, cfg.mean, cfg.std),
+        train_transform(cfg.image_size, aug.scale, aug.ratio, aug.hflip),
         rank=rank,
         world_size=world_size,
         seed=seed,
@@ -75,14 +121,22 @@ def build_shard_data(cfg, *, rank: int, world_size: int, local_batch: int, seed:
     evaluation = eval_transform(cfg.image_size, cfg.crop_pct, cfg.mean, cfg.std)
     make_eval = None
     if eval_urls:
+        eval_sizes = shard_sizes(eval_urls, on_error)  # once, not per evaluation
 
         def make_eval():
             stream = EvalStream(
-                eval_urls, local_batch, evaluation, rank=rank, world_size=world_size, on_error=on_error
+                eval_urls,
+                local_batch,
+                evaluation,
+                rank=rank,
+                world_size=world_size,
+                on_error=on_error,
+                sizes=eval_sizes,
             )
             return ResumableLoader.plain_loader(stream, cfg.num_workers)
 
-    return DataBundle(ResumableLoader(stream, cfg.num_workers), make_eval)
+    device_batch = BatchPrep(cfg.mean, cfg.std, build_mix(cfg))
+    return DataBundle(ResumableLoader(stream, cfg.num_workers), make_eval, device_batch)
 
 
 def build_synthetic_data(cfg, *, rank: int, world_size: int, local_batch: int, seed: int) -> DataBundle:

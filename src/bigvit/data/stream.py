@@ -1,173 +1,51 @@
 """Training and evaluation streams over WebDataset shards.
 
-Every (rank, dataloader worker) pair is a *slot*. In each epoch the shard list is permuted by
-(seed, epoch) and dealt round-robin to the slots; with fewer shards than slots each shard is split
-into sample-strided units, so every slot always has data and no rank waits in a collective. The
-training stream is endless (epoch after epoch), so all ranks yield the same number of batches.
+Every (rank, dataloader worker) pair is a *slot*. Each epoch, each slot reads an equal stretch of the
+epoch's shuffled shard order through a seeded shuffle buffer (plan.py: the plan, the pad rule, and
+how a resumed slot finds its place). The training stream is endless, epoch after epoch, and every
+slot reads the same number of samples per epoch, so all ranks yield the same number of batches.
 
-Resume: a slot's position is (epoch, samples consumed in that epoch). Replaying the epoch's raw
-samples through the same seeded shuffle buffer, without decoding, restores the exact sequence;
-augmentation draws from a per-sample seeded RNG, so replayed samples need no transform.
+Sources: `data.sources` mixes several shard sets by weight. A slot draws its n-th sample from a
+source chosen by a hash of (seed, slot, n), so the mix is deterministic and needs no state beyond n;
+each source keeps its own epochs.
 
-Bad data (`on_error`): under "warn" an unreadable shard (missing, failing pipe, corrupt or cut short)
-loses the rest of that shard and an undecodable or incomplete sample is dropped; each is counted by
-kind and logged (the first few per shard). The counts travel inside the batches, since batches are
-all that crosses the dataloader worker boundary. Skips are a function of the data, so a resumed run
-skips the same samples. Under "raise" the first bad shard or sample stops the run with a DataError.
+Resume: a slot's place is (samples drawn, and per source (epoch, samples taken from its shuffle
+buffer)). Every rank's places, merged (`merge_states`), form a state that resumes at any layout: at
+the same layout each rank continues exactly where it was, the same samples with the same
+augmentation in the same batches (augmentation and mixup draw from RNGs seeded by the sample and the
+position); at another world size or worker count the unread rest of each epoch is dealt to the new
+slots, so no sample is read twice and none is skipped.
+
+Bad data (reader.py): counted by kind and logged, or raised. The counts travel inside the batches,
+since batches are all that crosses the dataloader worker boundary. Skips are a function of the data,
+so a resumed run skips the same samples.
 """
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import io
+import itertools
 import logging
-import math
 import random
-import re
-import tarfile
-from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
+from bigvit.data.plan import LayoutRecord, SourcePlan, buffer_after, extend_history, shuffled, units_after
+from bigvit.data.reader import SKIP_KINDS, SampleError, Silent, Skips, read_units, shard_sizes
 from bigvit.data.transforms import Transform
-from bigvit.errors import ConfigError, DataError
+from bigvit.errors import DataError
 
 log = logging.getLogger("bigvit")
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
-ON_ERROR = ("warn", "raise")
-SKIP_KINDS = ("read", "missing", "decode")  # shard unreadable from here on | no image or .cls | bad bytes
-LOGGED_PER_SHARD = 3
-META_FILE = re.compile(r"__[^/]*__($|/)")
-
-
-class SampleError(DataError):
-    """A sample that cannot be used; `kind` is one of SKIP_KINDS, `detail` what is wrong with it."""
-
-    def __init__(self, sample: dict, detail: str, kind: str = "decode"):
-        super().__init__(f"sample {sample.get('__key__')!r} in {sample.get('__url__')!r} {detail}")
-        self.detail, self.kind = detail, kind
-
-
-class Skips:
-    """Skipped data counted by kind (for the metrics), the first few per shard logged; or raised, by `on_error`."""
-
-    def __init__(self, on_error: str = "warn"):
-        if on_error not in ON_ERROR:
-            raise ConfigError(f"data.on_error={on_error!r} is not one of {list(ON_ERROR)}")
-        self.on_error = on_error
-        self.pending = Counter()  # not yet handed to a batch
-        self.per_shard = Counter()  # for the rate limit, over this worker's life
-        self.unlogged = Counter()  # per shard, since the last summary
-
-    def __call__(self, kind: str, url: str, where: str, error: Exception) -> None:
-        message = f"{kind} error in shard {url} ({where}): {getattr(error, 'detail', error)}"
-        if self.on_error == "raise":
-            raise DataError(f"{message}; data.on_error=warn skips bad data instead") from error
-        self.pending[kind] += 1
-        self.per_shard[url] += 1
-        if self.per_shard[url] <= LOGGED_PER_SHARD:
-            log.warning("skipped: %s", message)
-        else:
-            self.unlogged[url] += 1
-
-    def take(self) -> dict[str, int]:
-        """Counts by kind since the last take (every kind present, so batches collate alike)."""
-        counts = {kind: self.pending[kind] for kind in SKIP_KINDS}
-        self.pending.clear()
-        return counts
-
-    def summarize(self) -> None:
-        for url, count in self.unlogged.items():
-            log.warning("skipped %d more bad sample(s)/read(s) in shard %s without logging each", count, url)
-        self.unlogged.clear()
-
-
-@dataclass(frozen=True)
-class Unit:
-    """A shard, or every `stride`-th sample of it starting at `offset`."""
-
-    url: str
-    offset: int = 0
-    stride: int = 1
-
-
-def epoch_units(
-    urls: Sequence[str], slot: int, num_slots: int, seed: int, epoch: int, shuffle: bool = True
-) -> list[Unit]:
-    """The units slot `slot` of `num_slots` reads in `epoch`; the units of all slots partition the data."""
-    order = list(range(len(urls)))
-    if shuffle:
-        random.Random(f"shards-{seed}-{epoch}").shuffle(order)
-    split = math.ceil(num_slots / len(urls))
-    units = [Unit(urls[i], j, split) for i in order for j in range(split)]
-    return units[slot::num_slots]
-
-
-class _EndCheckedTarInfo(tarfile.TarInfo):
-    """Marks the TarFile when its archive ends without the end-of-archive blocks (tarfile ends silently)."""
-
-    @classmethod
-    def fromtarfile(cls, tar):
-        try:
-            return super().fromtarfile(tar)
-        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError):
-            tar.cut_short = True
-            raise
-
-
-def shard_files(url: str) -> Iterator[dict]:
-    """The files of one tar shard as webdataset file samples, then its end-of-shard marker `{}`.
-
-    Unlike webdataset's reader, a shard cut short at a member boundary is an error, not a quiet end.
-    """
-    stream = wds.gopen(url)
-    with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndCheckedTarInfo) as tar:
-        for member in tar:
-            if member.isreg() and not META_FILE.match(member.name):
-                yield {"fname": member.name, "data": tar.extractfile(member).read(), "__url__": url}
-            tar.members = []
-        if getattr(tar, "cut_short", False):
-            raise tarfile.ReadError("the archive ends without its end-of-archive marker: truncated")
-    stream.close()  # a pipe: reports a failing command here
-    yield {}
-
-
-def raw_samples(units: Iterable[Unit], skips: Skips | None = None) -> Iterator[dict]:
-    """Undecoded samples (dicts of key → bytes) of the units, in order.
-
-    A shard that cannot be read to its end raises, or with `skips` is counted and left from there on.
-    """
-    for unit in units:
-        key = None
-        try:
-            for index, sample in enumerate(group_by_keys(shard_files(unit.url))):
-                key = sample["__key__"]
-                if index % unit.stride == unit.offset:
-                    yield sample
-        except Exception as error:  # any failure to read the shard: missing, failing pipe, corrupt
-            if skips is None:
-                raise
-            skips("read", unit.url, f"after sample {key!r}" if key else "before its first sample", error)
-
-
-def shuffled(samples: Iterable[dict], buffer_size: int, rng: random.Random) -> Iterator[dict]:
-    """Reservoir-style shuffle buffer; deterministic for a given rng state and input order."""
-    buffer: list[dict] = []
-    for sample in samples:
-        if len(buffer) < buffer_size:
-            buffer.append(sample)
-            continue
-        index = rng.randrange(buffer_size)
-        yield buffer[index]
-        buffer[index] = sample
-    rng.shuffle(buffer)
-    yield from buffer
+STATE_VERSION = 2
 
 
 def decode(sample: dict) -> tuple[Image.Image, int]:
@@ -181,8 +59,9 @@ def decode(sample: dict) -> tuple[Image.Image, int]:
             kind="missing",
         )
     try:
-        image = Image.open(io.BytesIO(sample[image_key])).convert("RGB")
-        return image, int(sample["cls"])
+        image = Image.open(io.BytesIO(sample[image_key]))
+        image.load()  # bad bytes fail here, as a SampleError, not later in a transform
+        return (image if image.mode == "RGB" else image.convert("RGB")), int(sample["cls"])
     except Exception as error:  # PIL raises several types for bad bytes; int() a ValueError
         raise SampleError(sample, f"does not decode: {error}") from error
 
@@ -215,15 +94,95 @@ def worker_slot(rank: int, world_size: int) -> tuple[int, int, int]:
 
 
 def collate(images: list[torch.Tensor], labels: list[int]) -> dict:
-    return {"image": torch.stack(images), "label": torch.tensor(labels, dtype=torch.long)}
+    # torch's collate stacks straight into shared memory in a worker: no copy when the batch is sent.
+    return {"image": default_collate(images), "label": torch.tensor(labels, dtype=torch.long)}
+
+
+@dataclass(frozen=True)
+class Source:
+    """Shards drawn from with probability ∝ weight; `sizes` (samples per shard) are counted when not given."""
+
+    urls: tuple[str, ...]
+    weight: float = 1.0
+    sizes: tuple[int, ...] | None = None
+
+
+def sized_sources(sources: Sequence[str] | Sequence[Source], on_error: str) -> list[Source]:
+    """Shard URLs (one source) or sources, each with its shard sizes; a source with no samples is a DataError."""
+    if all(isinstance(s, str) for s in sources):
+        sources = [Source(tuple(sources))]
+    sized = []
+    for source in sources:
+        sizes = source.sizes if source.sizes is not None else tuple(shard_sizes(source.urls, on_error))
+        check_readable(source.urls, sizes)
+        sized.append(Source(tuple(source.urls), source.weight, tuple(sizes)))
+    return sized
+
+
+def check_readable(urls: Sequence[str], sizes: Sequence[int]) -> None:
+    if not sum(sizes):
+        raise DataError(
+            f"read no samples from any of the {len(urls)} shard(s) {list(urls[:5])}"
+            f"{'...' if len(urls) > 5 else ''}: every one is unreadable or empty"
+        )
+
+
+def restored_buffer(plan: SourcePlan, units, held: list[int], urls: Sequence[str]) -> list:
+    """The items a resumed shuffle buffer holds: inputs `held` of `units`, read again (damage was reported before)."""
+    inputs = plan.positions_of(units)[held]
+    items = {
+        int(plan.offsets[shard] + index): (shard, index, sample)
+        for shard, index, sample in read_units(plan.units_of(np.sort(inputs), report=False), urls, Silent())
+    }
+    return [items[int(position)] for position in inputs]
+
+
+def slot_items(
+    plan: SourcePlan,
+    urls: Sequence[str],
+    slot: int,
+    num_slots: int,
+    start: tuple[int, int],
+    buffer_size: int,
+    skips: Skips,
+) -> Iterator[tuple[int, int, tuple]]:
+    """(epoch, outputs so far in it, (shard, sample number, sample or None)) of one source for one slot,
+    epoch after epoch from `start` = (epoch, outputs); None marks a sample the shard could not give."""
+    epoch, outputs = start
+    while True:
+        units = plan.units(epoch, slot, num_slots)
+        planned = sum(len(unit.indices) for unit in units)
+        rng, buffer, resumed = plan.buffer_rng(epoch, slot), [], outputs > 0
+        if resumed:
+            held, read = buffer_after(planned, outputs, buffer_size, rng)
+            buffer = restored_buffer(plan, units, held, urls)
+            units = units_after(units, read)
+        any_sample = False
+        for item in shuffled(read_units(units, urls, skips), buffer_size, rng, buffer):
+            outputs += 1
+            any_sample = any_sample or item[2] is not None
+            yield epoch, outputs, item
+        skips.summarize()
+        if planned and not any_sample and not resumed:  # endless reads of nothing would hang the run
+            shards = sorted({urls[unit.shard] for unit in units})
+            raise DataError(
+                f"data slot {slot} read no samples in epoch {epoch} from its {len(shards)} shard(s) "
+                f"{shards[:5]}{'...' if len(shards) > 5 else ''}: every one is unreadable or empty"
+            )
+        epoch, outputs = epoch + 1, 0
 
 
 class TrainStream(IterableDataset):
-    """Endless, shuffled, augmented batches of `batch_size` for one rank; see the module docstring."""
+    """Endless, shuffled, augmented batches of `batch_size` for one rank; see the module docstring.
+
+    `sources`: shard URLs, or weighted `Source`s. A batch: "image" as the transform makes it (uint8
+    for train_transform), "label" long (B,), and "seed", a number for the batch's mixup/cutmix RNG
+    (applied on the device by transforms.BatchPrep) that a resumed stream reproduces.
+    """
 
     def __init__(
         self,
-        urls: Sequence[str],
+        sources: Sequence[str] | Sequence[Source],
         batch_size: int,
         transform: Transform,
         *,
@@ -233,16 +192,37 @@ class TrainStream(IterableDataset):
         shuffle_buffer: int = 1000,
         on_error: str = "warn",
     ):
-        self.urls, self.batch_size, self.transform = list(urls), batch_size, transform
-        self.rank, self.world_size, self.seed, self.shuffle_buffer = rank, world_size, seed, shuffle_buffer
         self.on_error = Skips(on_error).on_error  # validated here, where the value is first seen
-        self.start: dict[int, tuple[int, int]] = {}  # logical worker → (epoch, consumed), set on resume
+        self.sources = sized_sources(sources, on_error)
+        total = sum(source.weight for source in self.sources)
+        self.cumulative = list(itertools.accumulate(source.weight / total for source in self.sources))
+        self.batch_size, self.transform = batch_size, transform
+        self.rank, self.world_size, self.seed, self.shuffle_buffer = rank, world_size, seed, shuffle_buffer
+        # Set by ResumableLoader on resume: logical worker → (drawn, per source (epoch, outputs)), the
+        # rotation of workers, earlier layouts and the epoch per source this layout started in.
+        self.start: dict[int, tuple[int, tuple]] = {}
         self.rotation = 0
+        self.history: tuple[LayoutRecord, ...] = ()
+        self.first_epochs = (0,) * len(self.sources)
 
-    def epoch_samples(self, slot: int, num_slots: int, epoch: int, skips: Skips) -> Iterator[dict]:
-        units = epoch_units(self.urls, slot, num_slots, self.seed, epoch)
-        rng = random.Random(f"buffer-{self.seed}-{epoch}-{slot}")
-        return shuffled(raw_samples(units, skips), self.shuffle_buffer, rng)
+    def fingerprint(self) -> dict:
+        """What a saved position is only valid for: the seed and each source's shard and sample counts."""
+        return {"seed": self.seed, "sources": [[len(s.urls), sum(s.sizes)] for s in self.sources]}
+
+    def plan(self, source: int) -> SourcePlan:
+        return SourcePlan(self.sources[source].sizes, self.seed, source, history=self.history)
+
+    def hash(self, text: str) -> int:
+        """A 63-bit number from the seed and `text`: a position's random draw, found without replay."""
+        digest = hashlib.blake2b(f"{self.seed}-{text}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") >> 1
+
+    def pick(self, slot: int, drawn: int) -> int:
+        """The source of a slot's `drawn`-th sample."""
+        if len(self.sources) == 1:
+            return 0
+        uniform = self.hash(f"source-{slot}-{drawn}") / 2**63
+        return min(bisect.bisect_right(self.cumulative, uniform), len(self.sources) - 1)
 
     def __iter__(self) -> Iterator[dict]:
         return errors_as_data(self.batches())
@@ -252,38 +232,32 @@ class TrainStream(IterableDataset):
         # After a resume the worker that was due next starts first: physical worker w plays logical w + rotation.
         worker = (physical + self.rotation) % workers
         slot, num_slots = self.rank * workers + worker, self.world_size * workers
-        epoch, skip = self.start.get(worker, (0, 0))
+        drawn, positions = self.start.get(worker, (0, tuple((epoch, 0) for epoch in self.first_epochs)))
+        positions = list(positions)
         skips = Skips(self.on_error)
+        readers = [
+            slot_items(self.plan(i), s.urls, slot, num_slots, positions[i], self.shuffle_buffer, skips)
+            for i, s in enumerate(self.sources)
+        ]
         images, labels = [], []
         while True:
-            consumed = 0
-            for sample in self.epoch_samples(slot, num_slots, epoch, skips):
-                consumed += 1
-                if consumed <= skip:
-                    skips.take()  # read failures while replaying were counted before the checkpoint
-                    continue
-                if (good := decoded(sample, skips)) is None:
-                    continue
-                rng = random.Random(f"aug-{self.seed}-{epoch}-{slot}-{consumed}")
-                images.append(self.transform(good[0], rng))
-                labels.append(good[1])
-                if len(images) == self.batch_size:
-                    yield {
-                        **collate(images, labels),
-                        "position": (worker, epoch, consumed),
-                        "skipped": skips.take(),
-                    }
-                    images, labels = [], []
-            skips.summarize()
-            if consumed == 0:
-                urls = sorted(
-                    {unit.url for unit in epoch_units(self.urls, slot, num_slots, self.seed, epoch)}
-                )
-                raise DataError(
-                    f"data slot {slot} read no samples in epoch {epoch} from its {len(urls)} shard(s) "
-                    f"{urls[:5]}{'...' if len(urls) > 5 else ''}: every one is unreadable or empty"
-                )
-            epoch, skip = epoch + 1, 0
+            source = self.pick(slot, drawn)
+            drawn += 1
+            epoch, outputs, (shard, index, sample) = next(readers[source])
+            positions[source] = (epoch, outputs)
+            if sample is None or (good := decoded(sample, skips)) is None:
+                continue
+            rng = random.Random(f"aug-{self.seed}-{source}-{epoch}-{shard}-{index}")
+            images.append(self.transform(good[0], rng))
+            labels.append(good[1])
+            if len(images) == self.batch_size:
+                yield {
+                    **collate(images, labels),
+                    "seed": self.hash(f"mix-{slot}-{drawn}"),
+                    "position": (worker, drawn, tuple(positions)),
+                    "skipped": skips.take(),
+                }
+                images, labels = [], []
 
 
 class EvalStream(IterableDataset):
@@ -298,10 +272,13 @@ class EvalStream(IterableDataset):
         rank: int,
         world_size: int,
         on_error: str = "warn",
+        sizes: Sequence[int] | None = None,
     ):
+        self.on_error = Skips(on_error).on_error
         self.urls, self.batch_size, self.transform = list(urls), batch_size, transform
         self.rank, self.world_size = rank, world_size
-        self.on_error = Skips(on_error).on_error
+        self.sizes = list(sizes) if sizes is not None else shard_sizes(self.urls, on_error)
+        check_readable(self.urls, self.sizes)
 
     def __iter__(self) -> Iterator[dict]:
         return errors_as_data(self.batches())
@@ -309,11 +286,11 @@ class EvalStream(IterableDataset):
     def batches(self) -> Iterator[dict]:
         """Batches with a "skipped" count each; a last batch of counts alone when the stream ends in skips."""
         _, workers, slot = worker_slot(self.rank, self.world_size)
-        units = epoch_units(self.urls, slot, self.world_size * workers, seed=0, epoch=0, shuffle=False)
+        plan = SourcePlan(self.sizes, seed=0, shuffle=False, pad=False)
         skips = Skips(self.on_error)
         images, labels = [], []
-        for sample in raw_samples(units, skips):
-            if (good := decoded(sample, skips)) is None:
+        for _, _, sample in read_units(plan.units(0, slot, self.world_size * workers), self.urls, skips):
+            if sample is None or (good := decoded(sample, skips)) is None:
                 continue
             images.append(self.transform(good[0]))
             labels.append(good[1])
@@ -357,24 +334,44 @@ class CountingLoader:
         return self.batches()
 
 
+def merge_states(states: Sequence[dict]) -> dict:
+    """One state from every rank's: dicts unite key by key; other values are the same on every rank (the first kept)."""
+    merged: dict = {}
+    for state in states:
+        for key, value in state.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = merge_states([merged[key], value])
+            else:
+                merged.setdefault(key, value)
+    return merged
+
+
 class ResumableLoader(CountingLoader):
     """A DataLoader over a TrainStream that remembers each worker's position (and the skip counts) for checkpoints.
 
     The DataLoader takes batches from its workers round-robin; on resume the stream rotates worker
-    identities so that the worker that was due next produces the first batch.
+    identities so that the worker that was due next produces the first batch. `state_dict()` is this
+    rank's part; `load_state_dict` takes every rank's parts merged (`merge_states`), from any layout.
     """
 
     def __init__(self, stream: TrainStream, num_workers: int):
         super().__init__(stream, num_workers, prefetch_factor=4)
-        self.positions: dict[int, tuple[int, int]] = {}  # logical worker → (epoch, consumed)
+        self.positions: dict[
+            int, tuple[int, tuple]
+        ] = {}  # logical worker → (drawn, per source (epoch, outputs))
         self.next_worker = 0
+
+    @property
+    def workers(self) -> int:
+        """Data slots per rank (no worker processes: one, in the main process)."""
+        return max(self.num_workers, 1)
 
     def __iter__(self) -> Iterator[dict]:
         self.stream.start, self.stream.rotation = dict(self.positions), self.next_worker
         for batch in self.batches():
-            worker, epoch, consumed = batch.pop("position")
-            self.positions[worker] = (epoch, consumed)
-            self.next_worker = (worker + 1) % max(self.num_workers, 1)
+            worker, drawn, positions = batch.pop("position")
+            self.positions[worker] = (drawn, tuple(tuple(p) for p in positions))  # the loader made lists
+            self.next_worker = (worker + 1) % self.workers
             yield batch
 
     @staticmethod
@@ -382,21 +379,62 @@ class ResumableLoader(CountingLoader):
         return CountingLoader(stream, num_workers)
 
     def state_dict(self) -> dict:
+        stream, rank = self.stream, self.stream.rank
         return {
-            "positions": dict(self.positions),
-            "next_worker": self.next_worker,
-            "num_workers": self.num_workers,
-            "world_size": self.stream.world_size,
-            "skipped": dict(self.skipped),
+            "version": STATE_VERSION,
+            "fingerprint": stream.fingerprint(),
+            "layout": [stream.world_size, self.workers, stream.shuffle_buffer],
+            "first_epochs": list(stream.first_epochs),
+            "history": [record.to_dict() for record in stream.history],
+            "slots": {
+                rank * self.workers + worker: {"drawn": drawn, "positions": [list(p) for p in positions]}
+                for worker, (drawn, positions) in self.positions.items()
+            },
+            "next_worker": {rank: self.next_worker},
+            "skipped": {rank: dict(self.skipped)},
         }
 
     def load_state_dict(self, state: dict) -> None:
-        layout = (state["num_workers"], state["world_size"])
-        if layout != (self.num_workers, self.stream.world_size):
-            raise ValueError(
-                f"data state was saved with (num_workers, world_size)={layout}, this run has "
-                f"{(self.num_workers, self.stream.world_size)}; exact resume needs the same layout"
+        stream, rank, workers = self.stream, self.stream.rank, self.workers
+        if state.get("version") != STATE_VERSION or state["fingerprint"] != stream.fingerprint():
+            log.warning(
+                "data state in the checkpoint is for %s, this run reads %s (seed, [shards, samples] per "
+                "source): the data stream starts afresh",
+                state.get("fingerprint", "an older bigvit"),
+                stream.fingerprint(),
             )
-        self.positions = {int(k): tuple(v) for k, v in state["positions"].items()}
-        self.next_worker = state["next_worker"]
-        self.skipped = {kind: state.get("skipped", {}).get(kind, 0) for kind in SKIP_KINDS}
+            return
+        slots = {
+            int(slot): (value["drawn"], tuple(tuple(p) for p in value["positions"]))
+            for slot, value in state["slots"].items()
+        }
+        skipped = {int(r): counts for r, counts in state["skipped"].items()}
+        history = tuple(LayoutRecord.from_dict(record) for record in state["history"])
+        saved_world, saved_workers, saved_buffer = state["layout"]
+        if [saved_world, saved_workers, saved_buffer] == [stream.world_size, workers, stream.shuffle_buffer]:
+            first = rank * workers
+            self.positions = {s - first: v for s, v in slots.items() if first <= s < first + workers}
+            self.next_worker = {int(r): w for r, w in state["next_worker"].items()}.get(rank, 0)
+            stream.history, stream.first_epochs = history, tuple(state["first_epochs"])
+            counts = skipped.get(rank, {})
+        else:
+            positions = {slot: value[1] for slot, value in slots.items()}
+            record = LayoutRecord(
+                saved_world * saved_workers, tuple(state["first_epochs"]), positions, saved_buffer
+            )
+            stream.history, stream.first_epochs = extend_history(history, record, len(stream.sources))
+            self.positions, self.next_worker = {}, 0
+            # The metrics sum skip counts over ranks: the old ranks' totals go to rank 0.
+            counts = {k: sum(c.get(k, 0) for c in skipped.values()) for k in SKIP_KINDS} if rank == 0 else {}
+            log.info(
+                "data stream saved at %d rank(s) x %d worker(s), buffer %d; resumed at %d x %d, buffer %d: "
+                "the rest of epoch(s) from %s is dealt to the new slots",
+                saved_world,
+                saved_workers,
+                saved_buffer,
+                stream.world_size,
+                workers,
+                stream.shuffle_buffer,
+                list(stream.first_epochs),
+            )
+        self.skipped = {kind: counts.get(kind, 0) for kind in SKIP_KINDS}

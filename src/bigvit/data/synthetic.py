@@ -47,9 +47,7 @@ class SyntheticStream:
         self.step = 0
 
     def batch(self, indices: range | list[int], seed: int) -> dict:
-        pairs = [
-            synthetic_sample(seed, i, self.num_classes, self.image_size) for i in indices
-        ]
+        pairs = [synthetic_sample(seed, i, self.num_classes, self.image_size) for i in indices]
         return {"image": torch.stack([p[0] for p in pairs]), "label": torch.tensor([p[1] for p in pairs])}
 
     def __iter__(self) -> Iterator[dict]:

@@ -3,7 +3,8 @@
 A checkpoint is a directory `step_%08d` written first as `step_%08d.tmp` and renamed once every
 rank has finished and bigvit's metadata file is written last: a crash or SIGTERM mid-save leaves the
 previous checkpoint as the newest usable one. What goes inside is the engine's business (DCP by
-parameter name for PyTorch layouts); per-rank state (data position, RNG) goes under per-rank keys.
+parameter name for PyTorch layouts); per-rank state (RNG) goes under per-rank keys. The data stream's
+state is gathered from every rank into bigvit.json, so that any world size resumes the data exactly.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from bigvit.data import merge_states
 from bigvit.parallel.distributed import barrier
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -39,6 +41,16 @@ def rank_key(rank: int) -> str:
     return f"rank{rank}"
 
 
+def gathered_data_state(rank_state: dict) -> dict | None:
+    """Every rank's data state merged into one (collective); None when there is none."""
+    state = rank_state.get("data")
+    if not dist.is_initialized():
+        return state
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return merge_states(states) if state is not None else None
+
+
 class Checkpointer:
     """The directory protocol (temp dir, rename, retention, compatibility); the engine writes the contents."""
 
@@ -58,6 +70,7 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         barrier()
         start = time.perf_counter()
+        data_state = gathered_data_state(rank_state)
         engine.save(tmp, step, rank_key(self.rank), rank_state)
         barrier()  # every rank's shards are on disk before the checkpoint is declared complete
         if self.rank == 0:
@@ -66,6 +79,7 @@ class Checkpointer:
                 "step": step,
                 "saved_at": time.time(),
                 "save_seconds": time.perf_counter() - start,
+                **({"data": data_state} if data_state is not None else {}),
             }
             (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
             shutil.rmtree(final, ignore_errors=True)
@@ -79,8 +93,9 @@ class Checkpointer:
         """Load `path` into the engine; returns (step, this rank's saved state or None).
 
         `expect` (e.g. the model config) must equal what the checkpoint recorded; otherwise a
-        CheckpointError names the differing keys. Per-rank state (data position, RNG streams) is
-        restored only at the world size it was saved with.
+        CheckpointError names the differing keys. Per-rank state (RNG streams) is restored only at the
+        world size it was saved with ("rng" None otherwise); "data" is every rank's data state, merged,
+        at any world size.
         """
         path = Path(path)
         if not (path / META_FILE).is_file():
@@ -101,7 +116,10 @@ class Checkpointer:
                 )
         world_size = dist.get_world_size() if dist.is_initialized() else 1
         same_layout = saved.get("world_size") == world_size
-        return engine.load(path, rank_key(self.rank) if same_layout else None)
+        step, rank_state = engine.load(path, rank_key(self.rank) if same_layout else None)
+        if "data" in saved:
+            rank_state = {"rng": None, **(rank_state or {}), "data": saved["data"]}
+        return step, rank_state
 
 
 def rng_state() -> dict:
@@ -111,7 +129,10 @@ def rng_state() -> dict:
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict | None) -> None:
+    """Restore `rng_state()`; None (saved at another world size) leaves this run's RNG as it is."""
+    if state is None:
+        return
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])

@@ -168,10 +168,10 @@ class Trainer:
         total_loss = torch.zeros((), device=self.env.device)
         self.engine.zero_grad()
         for micro in range(accum):
-            batch = next(batches)
-            images = batch["image"].to(self.env.device, non_blocking=True)
-            labels = batch["label"].to(self.env.device, non_blocking=True)
+            images, labels = self.data.device_batch(next(batches), self.env.device)
             logits = self.engine.forward(images, sync_grads=micro == accum - 1)
+            # Labels are class numbers, or class probabilities under mixup/cutmix (smoothing the mixture
+            # equals mixing smoothed one-hots, as timm does: both are linear).
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.trainer.label_smoothing)
             self.engine.backward(loss / accum)
             total_loss += loss.detach()
