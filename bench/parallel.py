@@ -4,7 +4,7 @@ Memory: live tensor bytes per rank after training (parameters + gradients + opti
 buffers), for DDP, FSDP2 and ZeRO-3 at world sizes 2 and 4, as a ratio to DDP / world size.
 Throughput: each 2-process layout (1 thread each) against one process with 2 threads, same global batch.
 
-    python bench/parallel.py [--model vit_s16] [--image-size 64] [--steps 8]
+    python bench/parallel.py [--model vit_s16] [--image-size 224] [--steps 8]
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="vit_s16")
-    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--layouts", nargs="+", default=sorted(LAYOUTS), choices=sorted(LAYOUTS))
