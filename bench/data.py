@@ -41,8 +41,8 @@ SIZE = 224
 BATCH = 32
 
 
-def natural_jpegs(count: int, seed: int = 0) -> list[bytes]:
-    """`count` 224x224 JPEGs (quality 90): random crops, flips and brightness of two photographs."""
+def natural_jpegs(count: int, seed: int = 0, size: int = SIZE) -> list[bytes]:
+    """`count` size×size JPEGs (quality 90): random crops, flips and brightness of two photographs."""
     from sklearn.datasets import load_sample_images
 
     photos = [Image.fromarray(array) for array in load_sample_images().images]
@@ -50,9 +50,9 @@ def natural_jpegs(count: int, seed: int = 0) -> list[bytes]:
     jpegs = []
     for _ in range(count):
         photo = rng.choice(photos)
-        side = rng.uniform(SIZE, min(photo.size))
+        side = rng.uniform(size, min(photo.size))
         left, top = rng.uniform(0, photo.width - side), rng.uniform(0, photo.height - side)
-        image = photo.resize((SIZE, SIZE), Image.BICUBIC, box=(left, top, left + side, top + side))
+        image = photo.resize((size, size), Image.BICUBIC, box=(left, top, left + side, top + side))
         if rng.random() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         gain = rng.uniform(0.7, 1.3)
@@ -175,17 +175,24 @@ def main() -> None:
         "--images", type=int, default=512, help="JPEGs written (and read per round: 2 passes)"
     )
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--source-size",
+        type=int,
+        default=SIZE,
+        help="side of the stored JPEGs (the training crop stays 224); ImageNet's average is about 400x350",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)  # as in a dataloader worker
-    jpegs = natural_jpegs(args.images)
+    jpegs = natural_jpegs(args.images, size=args.source_size)
     with tempfile.TemporaryDirectory() as tmp:
         urls = write_shards(Path(tmp), jpegs)
         rows = throughput_rows(urls, 2 * args.images, args.rounds)
         costs = resume_rows(urls)
     size = {"mean_jpeg_bytes": float(np.mean([len(j) for j in jpegs])), "images": args.images}
     report(
-        "data_throughput",
-        f"images/s per worker (1 process, 1 thread), {SIZE}x{SIZE} JPEG q90, mean "
+        "data_throughput" + ("" if args.source_size == SIZE else f"_source{args.source_size}"),
+        f"images/s per worker (1 process, 1 thread), {args.source_size}x{args.source_size} JPEG q90 → "
+        f"{SIZE}px crops, mean "
         f"{size['mean_jpeg_bytes'] / 1024:.1f} KiB, batch {BATCH}, median of {args.rounds} rounds",
         rows,
         size,
