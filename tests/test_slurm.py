@@ -117,14 +117,14 @@ def wait_done(job: str, log: Path, timeout: float = 300) -> dict:
 
 def test_sbatch_trains_digits_on_two_nodes(slurm, tmp_path):
     run_dir = tmp_path / "run"
-    job = submit(run_dir, ["experiment=digits", "trainer.max_steps=30", "logger=none"], tmp_path)
+    job = submit(run_dir, ["experiment=digits", "trainer.max_steps=60", "logger=none"], tmp_path)
     log = tmp_path / f"bigvit-{job}.out"
     fields = wait_done(job, log)
     assert fields.get("JobState", "COMPLETED") == "COMPLETED", log.read_text()[-3000:]
     result = summary(run_dir)
-    assert (result["final_step"], result["world_size"]) == (30, 2)
+    assert (result["final_step"], result["world_size"]) == (60, 2)
     logged = losses(run_dir)
-    assert logged[30] < 0.95 * logged[min(logged)] and result["eval_top1"] > 0.2  # learning: chance is 0.1
+    assert logged[60] < logged[10] - 0.1 and result["eval_top1"] > 0.2  # learning: chance is 0.1
     text = log.read_text()
     assert "on n[1-2], 1 process(es) per node" in text and "bigvit: finished" in text
 
