@@ -26,6 +26,18 @@ TINY = [
     "hardware.peak_tflops=1",
 ]
 
+# ViT-22B's options together (no class token, MAP, parallel blocks, QK-norm, no QKV/norm biases) on a small model.
+VIT_22B_STYLE = dict(
+    class_token=False,
+    pool="map",
+    parallel_block=True,
+    qk_norm=True,
+    qkv_bias=False,
+    norm_bias=False,
+    layer_scale=1e-4,
+    num_registers=3,
+)
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -13,6 +13,7 @@ import bigvit
 from bigvit.parallel.mesh import ParallelDims, build_mesh
 from bigvit.parallel.parallelize import apply_ac
 from bigvit.scaling.activations import ActivationLayout, backward_working_bytes, saved_activation_bytes
+from tests.helpers import VIT_22B_STYLE
 
 TOLERANCE = 0.10  # the bound; the fp32 figures agree to the byte, bf16 ones within ~2%
 
@@ -26,16 +27,7 @@ OPTIONS = {
     "parallel_block": dict(parallel_block=True),
     "no_biases": dict(qkv_bias=False, proj_bias=False, mlp_bias=False, norm_bias=False),
     "math_kernel": dict(attn_impl="math"),
-    "vit_22b_style": dict(
-        class_token=False,
-        pool="map",
-        parallel_block=True,
-        qk_norm=True,
-        qkv_bias=False,
-        norm_bias=False,
-        layer_scale=1e-4,
-        num_registers=3,
-    ),
+    "vit_22b_style": VIT_22B_STYLE,
 }
 
 

@@ -28,22 +28,28 @@ def child_pids(pid: int) -> list[int]:
     return [int(p) for p in result.stdout.split()]
 
 
-def test_killed_rank_ends_the_job_quickly_and_the_checkpoint_resumes(tmp_path):
-    run_dir = tmp_path / "run"
+def start_two_ranks(run_dir, args: list[str], ready) -> tuple[subprocess.Popen, list[int]]:
+    """Launch a 2-rank run, wait (at most 120 s) until `ready()`; returns the launcher and its 2 workers."""
     process = subprocess.Popen(
-        train_command([f"trainer.run_dir={run_dir}", *ARGS], nproc=2),
+        train_command([f"trainer.run_dir={run_dir}", *args], nproc=2),
         cwd=ROOT,
         env=train_env(2),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
-    checkpoints = run_dir / "checkpoints"
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not any(checkpoints.glob("step_*[0-9]")):
+    while time.monotonic() < deadline and not ready():
         time.sleep(0.2)
     workers = child_pids(process.pid)
     assert len(workers) == 2
+    return process, workers
+
+
+def test_killed_rank_ends_the_job_quickly_and_the_checkpoint_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    checkpoints = run_dir / "checkpoints"
+    process, workers = start_two_ranks(run_dir, ARGS, lambda: any(checkpoints.glob("step_*[0-9]")))
     os.kill(workers[1], signal.SIGKILL)
     killed_at = time.monotonic()
     process.communicate(timeout=180)
@@ -61,20 +67,10 @@ def test_stalled_rank_is_flagged_by_the_watchdog_and_the_job_ends(tmp_path):
     """Rank 1 frozen (SIGSTOP): rank 0 waits in a collective; its watchdog reports where and ends the job."""
     run_dir = tmp_path / "run"
     args = [*ARGS, "trainer.dist_timeout_s=600", "trainer.watchdog_s=5"]
-    process = subprocess.Popen(
-        train_command([f"trainer.run_dir={run_dir}", *args], nproc=2),
-        cwd=ROOT,
-        env=train_env(2),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
     metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
-        time.sleep(0.2)
-    workers = child_pids(process.pid)
-    assert len(workers) == 2
+    process, workers = start_two_ranks(
+        run_dir, args, lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2
+    )
     os.kill(workers[1], signal.SIGSTOP)
     stopped_at = time.monotonic()
     output, _ = process.communicate(timeout=180)

@@ -14,6 +14,7 @@ from bigvit.scaling.flops import (
     param_count,
     train_flops,
 )
+from tests.helpers import VIT_22B_STYLE
 
 TINY = dict(image_size=32, patch_size=8, width=64, depth=2, mlp_dim=96, heads=4, num_classes=10)
 
@@ -29,17 +30,7 @@ OPTION_SETS = {
     "parallel_block": dict(parallel_block=True),
     "no_biases": dict(qkv_bias=False, proj_bias=False, mlp_bias=False, norm_bias=False),
     "no_classifier": dict(num_classes=0),
-    "vit_22b_style": dict(
-        class_token=False,
-        pool="map",
-        parallel_block=True,
-        qk_norm=True,
-        qkv_bias=False,
-        norm_bias=False,
-        layer_scale=1e-4,
-        num_registers=3,
-        in_chans=1,
-    ),
+    "vit_22b_style": dict(**VIT_22B_STYLE, in_chans=1),
 }
 
 
