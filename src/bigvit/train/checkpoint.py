@@ -41,9 +41,8 @@ def rank_key(rank: int) -> str:
     return f"rank{rank}"
 
 
-def gathered_data_state(rank_state: dict) -> dict | None:
+def gathered_data_state(state: dict | None) -> dict | None:
     """Every rank's data state merged into one (collective); None when there is none."""
-    state = rank_state.get("data")
     if not dist.is_initialized():
         return state
     states = [None] * dist.get_world_size()
@@ -61,8 +60,9 @@ class Checkpointer:
         found = checkpoint_dirs(self.root)
         return found[-1] if found else None
 
-    def save(self, step: int, engine, rank_state: dict, meta: dict) -> Path:
-        """Write a checkpoint of `step` (collective: every rank calls it)."""
+    def save(self, step: int, engine, rank_state: dict, meta: dict, data_state: dict | None = None) -> Path:
+        """Write a checkpoint of `step` (collective: every rank calls it). `rank_state` is kept per rank;
+        `data_state`, this rank's part of the data position, is merged over ranks into the metadata."""
         final = self.root / f"step_{step:08d}"
         tmp = final.with_name(final.name + ".tmp")
         if self.rank == 0:
@@ -70,7 +70,7 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         barrier()
         start = time.perf_counter()
-        data_state = gathered_data_state(rank_state)
+        data_state = gathered_data_state(data_state)
         engine.save(tmp, step, rank_key(self.rank), rank_state)
         barrier()  # every rank's shards are on disk before the checkpoint is declared complete
         if self.rank == 0:
@@ -89,13 +89,14 @@ class Checkpointer:
         barrier()
         return final
 
-    def load(self, path: str | Path, engine, expect: dict | None = None) -> tuple[int, dict | None]:
-        """Load `path` into the engine; returns (step, this rank's saved state or None).
+    def load(
+        self, path: str | Path, engine, expect: dict | None = None
+    ) -> tuple[int, dict | None, dict | None]:
+        """Load `path` into the engine; returns (step, this rank's state or None, the merged data state or None).
 
         `expect` (e.g. the model config) must equal what the checkpoint recorded; otherwise a
         CheckpointError names the differing keys. Per-rank state (RNG streams) is restored only at the
-        world size it was saved with ("rng" None otherwise); "data" is every rank's data state, merged,
-        at any world size.
+        world size it was saved with; the data state, every rank's part merged, at any world size.
         """
         path = Path(path)
         if not (path / META_FILE).is_file():
@@ -117,9 +118,7 @@ class Checkpointer:
         world_size = dist.get_world_size() if dist.is_initialized() else 1
         same_layout = saved.get("world_size") == world_size
         step, rank_state = engine.load(path, rank_key(self.rank) if same_layout else None)
-        if "data" in saved:
-            rank_state = {"rng": None, **(rank_state or {}), "data": saved["data"]}
-        return step, rank_state
+        return step, rank_state, saved.get("data")
 
 
 def rng_state() -> dict:
@@ -129,10 +128,7 @@ def rng_state() -> dict:
     return state
 
 
-def set_rng_state(state: dict | None) -> None:
-    """Restore `rng_state()`; None (saved at another world size) leaves this run's RNG as it is."""
-    if state is None:
-        return
+def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])

@@ -245,8 +245,9 @@ class Trainer:
         }
 
     def save(self) -> None:
-        rank_state = {"data": self.data.train.state_dict(), "rng": rng_state()}
-        path = self.checkpointer.save(self.step, self.engine, rank_state, self.checkpoint_meta())
+        path = self.checkpointer.save(
+            self.step, self.engine, {"rng": rng_state()}, self.checkpoint_meta(), self.data.train.state_dict()
+        )
         log.info("checkpoint step %d → %s", self.step, path)
         self.logger.checkpoint(path, self.step)
 
@@ -258,16 +259,13 @@ class Trainer:
         if path is None:
             return
         expect = {"model": self.model_cfg.to_dict()}
-        self.step, rank_state = self.checkpointer.load(path, self.engine, expect=expect)
+        self.step, rank_state, data_state = self.checkpointer.load(path, self.engine, expect=expect)
+        if data_state is not None:
+            self.data.train.load_state_dict(data_state)
         if rank_state is not None:
-            self.data.train.load_state_dict(rank_state["data"])
             set_rng_state(rank_state["rng"])
         else:
-            log.warning(
-                "checkpoint %s came from another world size: weights and optimizer restored, "
-                "data position and RNG start afresh",
-                path,
-            )
+            log.warning("checkpoint %s came from another world size: the RNG streams start afresh", path)
         log.info("resumed from %s at step %d", path, self.step)
 
     def summary(self, metrics: dict, eval_metrics: dict, wall_seconds: float, first_step: int) -> dict:
