@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +38,16 @@ VIT_22B_STYLE = dict(
     layer_scale=1e-4,
     num_registers=3,
 )
+
+
+def wait_until(condition, timeout: float, interval: float = 0.2) -> bool:
+    """Poll `condition()` until it holds (True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
 
 
 def free_port() -> int:

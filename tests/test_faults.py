@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.helpers import ROOT, TINY, run_train, summary, train_command, train_env
+from tests.helpers import ROOT, TINY, run_train, summary, train_command, train_env, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -38,9 +38,7 @@ def start_two_ranks(run_dir, args: list[str], ready) -> tuple[subprocess.Popen, 
         stderr=subprocess.STDOUT,
         text=True,
     )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not ready():
-        time.sleep(0.2)
+    wait_until(ready, 120)
     workers = child_pids(process.pid)
     assert len(workers) == 2
     return process, workers

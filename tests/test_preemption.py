@@ -2,12 +2,11 @@
 
 import signal
 import subprocess
-import time
 
 import pytest
 
 from bigvit.train.preemption import EXIT_PREEMPTED
-from tests.helpers import ROOT, TINY, losses, run_train, summary, train_command, train_env
+from tests.helpers import ROOT, TINY, losses, run_train, summary, train_command, train_env, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -23,11 +22,7 @@ def start_and_signal(run_dir, nproc: int, sig: int) -> subprocess.CompletedProce
         command, cwd=ROOT, env=train_env(nproc), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (
-        metrics.is_file() and len(metrics.read_text().splitlines()) >= 5
-    ):
-        time.sleep(0.2)
+    wait_until(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 5, 120)
     process.send_signal(sig)
     stdout, stderr = process.communicate(timeout=120)
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)

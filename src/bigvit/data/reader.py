@@ -44,13 +44,17 @@ class SampleError(DataError):
         self.detail, self.kind = detail, kind
 
 
+def checked_on_error(on_error: str) -> str:
+    if on_error not in ON_ERROR:
+        raise ConfigError(f"data.on_error={on_error!r} is not one of {list(ON_ERROR)}")
+    return on_error
+
+
 class Skips:
     """Skipped data counted by kind (for the metrics), the first few per shard logged; or raised, by `on_error`."""
 
     def __init__(self, on_error: str = "warn"):
-        if on_error not in ON_ERROR:
-            raise ConfigError(f"data.on_error={on_error!r} is not one of {list(ON_ERROR)}")
-        self.on_error = on_error
+        self.on_error = checked_on_error(on_error)
         self.pending = Counter()  # not yet handed to a batch
         self.per_shard = Counter()  # for the rate limit, over this worker's life
         self.unlogged = Counter()  # per shard, since the last summary

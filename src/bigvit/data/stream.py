@@ -38,7 +38,15 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from bigvit.data.plan import LayoutRecord, SourcePlan, buffer_after, extend_history, shuffled, units_after
-from bigvit.data.reader import SKIP_KINDS, SampleError, Silent, Skips, read_units, shard_sizes
+from bigvit.data.reader import (
+    SKIP_KINDS,
+    SampleError,
+    Silent,
+    Skips,
+    checked_on_error,
+    read_units,
+    shard_sizes,
+)
 from bigvit.data.transforms import Transform
 from bigvit.errors import DataError
 
@@ -192,7 +200,7 @@ class TrainStream(IterableDataset):
         shuffle_buffer: int = 1000,
         on_error: str = "warn",
     ):
-        self.on_error = Skips(on_error).on_error  # validated here, where the value is first seen
+        self.on_error = checked_on_error(on_error)  # here, where the value is first seen
         self.sources = sized_sources(sources, on_error)
         total = sum(source.weight for source in self.sources)
         self.cumulative = list(itertools.accumulate(source.weight / total for source in self.sources))
@@ -274,7 +282,7 @@ class EvalStream(IterableDataset):
         on_error: str = "warn",
         sizes: Sequence[int] | None = None,
     ):
-        self.on_error = Skips(on_error).on_error
+        self.on_error = checked_on_error(on_error)
         self.urls, self.batch_size, self.transform = list(urls), batch_size, transform
         self.rank, self.world_size = rank, world_size
         self.sizes = list(sizes) if sizes is not None else shard_sizes(self.urls, on_error)
