@@ -11,12 +11,11 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, TINY, losses, summary
+from tests.helpers import ROOT, TINY, losses, summary, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -31,15 +30,13 @@ def cluster_up(wait_s: float = 30) -> bool:
     """Both nodes answer and take jobs (nodes still completing an earlier test's job count)."""
     if shutil.which("sinfo") is None:
         return False
-    deadline = time.monotonic() + wait_s
-    while True:
+
+    def usable() -> bool:
         nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True, timeout=30)
         states = [line.split()[1] for line in nodes.stdout.splitlines()]
-        if nodes.returncode == 0 and len(states) == 2 and all(state in USABLE_STATES for state in states):
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(1)
+        return nodes.returncode == 0 and len(states) == 2 and all(state in USABLE_STATES for state in states)
+
+    return wait_until(usable, wait_s, interval=1)
 
 
 @pytest.fixture(scope="module")
@@ -74,18 +71,18 @@ def submit(run_dir: Path, overrides: list[str], log_dir: Path) -> str:
     return result.stdout.strip().split(";")[0]
 
 
-def job_fields(job: str) -> dict[str, str]:
-    """`scontrol show job` as a dict; {} once Slurm has forgotten the job."""
+def job_fields(job: str) -> dict[str, str] | None:
+    """`scontrol show job` as a dict; {} once Slurm has forgotten the job; None when slurmctld did not
+    answer (it can be busy for a moment around a requeue): not a reason to think the job is gone."""
     info = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True)
-    return dict(word.split("=", 1) for word in info.stdout.split() if "=" in word)
+    if info.returncode != 0:
+        return {} if "Invalid job id" in info.stderr else None
+    return dict(word.split("=", 1) for word in info.stdout.split() if "=" in word) or None
 
 
 def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(1)
+    if not wait_until(condition, timeout, interval=1):
+        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def wait_done(job: str, log: Path, timeout: float = 300) -> dict:
@@ -99,6 +96,8 @@ def wait_done(job: str, log: Path, timeout: float = 300) -> dict:
     def finished() -> bool:
         nonlocal last
         fields = job_fields(job)
+        if fields is None:
+            return False
         if not fields:
             return True
         last = fields
