@@ -80,6 +80,12 @@ def job_fields(job: str) -> dict[str, str] | None:
     return dict(word.split("=", 1) for word in info.stdout.split() if "=" in word) or None
 
 
+def nodes_idle() -> bool:
+    nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True)
+    states = nodes.stdout.split()
+    return nodes.returncode == 0 and len(states) == 2 and all(state == "idle" for state in states)
+
+
 def wait_for(condition, timeout: float, what: str) -> None:
     if not wait_until(condition, timeout, interval=1):
         raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
@@ -89,7 +95,9 @@ def wait_done(job: str, log: Path, timeout: float = 300) -> dict:
     """Wait until the job has left the queue for good; returns its last fields.
 
     A requeued job waits for a begin time Slurm sets about two minutes ahead (time for nodes to
-    clean up); the test releases it at once, as an admin would, so the suite stays short.
+    clean up); the test releases it as soon as both nodes are idle again, as an admin would, so the
+    suite stays short. Released earlier, while a node still cleans up the first run, the job dies
+    ("Killing non-startable batch job: Job credential revoked").
     """
     last: dict[str, str] = {}
 
@@ -101,7 +109,7 @@ def wait_done(job: str, log: Path, timeout: float = 300) -> dict:
         if not fields:
             return True
         last = fields
-        if fields["JobState"] == "PENDING" and fields.get("Reason") == "BeginTime":
+        if fields["JobState"] == "PENDING" and fields.get("Reason") == "BeginTime" and nodes_idle():
             subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
         return fields["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
 
