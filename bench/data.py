@@ -2,22 +2,27 @@
 
 Writes 224x224 JPEG shards (crops of scikit-learn's sample photographs, so JPEG sizes are those of
 natural images) to a temp dir, then measures one process with one torch thread, as a dataloader
-worker runs, no Image.draft anywhere:
+worker runs:
   bare:    read each member's bytes from the tar + PIL decode + convert("RGB")
-  stream:  TrainStream (shard plan, tar reader, shuffle buffer, positions, batching) with decode only,
-           then to uint8 tensors, then RandomResizedCrop + flip to uint8 batches as bigvit trains
-           (normalize and mixup run on the device), and for comparison normalizing to float in the
-           worker; also in one dataloader worker process, whose batches cross through shared memory
-Pipelines alternate round by round so that machine drift hits all alike; medians are reported.
+  stream:  TrainStream (shard plan, tar reader, shuffle buffer, positions, batching) with decode only
+           (the stream's own cost); then RandomResizedCrop + flip as bigvit's workers do it (decode,
+           crop, batch the crops: the resize runs on the device); also in one dataloader worker
+           process, whose batches cross through shared memory; and for comparison with the resize
+           in the worker (torch's antialiased bicubic on uint8, the fastest CPU resize here)
+  device:  BatchPrep, the rest of the augmentation on the training device (resize, flip,
+           normalize): its time per image on this CPU, in the main process
+Pipelines alternate round by round, each going on where it stopped; per round each is compared
+with the bare loop of that round, so that this VM's drift cancels; medians and quartiles are reported.
 Resume-state costs: state_dict() per call, the first batch of a resumed stream (buffer simulated,
 its samples re-read) vs a fresh one, and planning a layout change mid-epoch for a large epoch.
 
-    python bench/data.py [--images 512] [--rounds 5]
+    python bench/data.py [--images 512] [--rounds 15] [--source-size 224]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import itertools
 import random
@@ -25,17 +30,19 @@ import statistics
 import tarfile
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from common import report
 from PIL import Image
 
 from bigvit.data.plan import LayoutRecord, SourcePlan
 from bigvit.data.shards import write_split
 from bigvit.data.stream import ResumableLoader, TrainStream
-from bigvit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize, pixels, train_transform
+from bigvit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, BatchPrep, Crop, train_transform
 
 SIZE = 224
 BATCH = 32
@@ -69,17 +76,15 @@ def write_shards(directory: Path, jpegs: list[bytes], per_shard: int = 128) -> l
     return [str(directory / name) for name in split["shards"]]
 
 
-def bare_loop(urls: list[str], images: int) -> tuple[int, float]:
-    """(images, seconds) of reading and decoding `images` images from the shards, round and round."""
-    start, done = time.perf_counter(), 0
-    while done < images:
+def bare_images(urls: list[str]) -> Iterator[int]:
+    """Endlessly: read each member's bytes from the shards and decode them with PIL; 1 per image."""
+    while True:
         for url in urls:
             with tarfile.open(url, mode="r|") as tar:
                 for member in tar:
                     if member.name.endswith(".jpg"):
                         Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")
-                        done += 1
-    return done, time.perf_counter() - start
+                        yield 1
 
 
 def stream_loader(urls: list[str], transform, workers: int = 0) -> ResumableLoader:
@@ -87,52 +92,83 @@ def stream_loader(urls: list[str], transform, workers: int = 0) -> ResumableLoad
     return ResumableLoader(stream, num_workers=workers)
 
 
-def stream_loop(loader: ResumableLoader, images: int) -> tuple[int, float]:
-    """(images, seconds) after the first batch: the steady rate, without a worker's start-up and buffer fill."""
+def stream_images(loader: ResumableLoader) -> Iterator[int]:
+    """Endlessly: the images of each batch, after the first (a worker's start-up and buffer fill)."""
     batches = iter(loader)
     next(batches)
-    start = time.perf_counter()
-    done = sum(len(batch["label"]) for batch in itertools.islice(batches, images // BATCH))
-    return done, time.perf_counter() - start
+    for batch in batches:
+        yield len(batch["label"])
+
+
+def rate(counts: Iterator[int], images: int) -> float:
+    """Images per second while drawing `images` from an endless iterator of counts."""
+    gc.collect()  # each pipeline's garbage, collected outside the timing of the next
+    start, done = time.perf_counter(), 0
+    while done < images:
+        done += next(counts)
+    return done / (time.perf_counter() - start)
+
+
+def resized_in_worker(transform):
+    """`transform`, then the crop resized to SIZE in the worker (uint8, antialiased bicubic, channels last)."""
+
+    def apply(image, rng) -> Crop:
+        crop = transform(image, rng)
+        top, left, height, width = crop.region  # whole pixels here: 224 px sources are never shrunk
+        pixels = torch.from_numpy(crop.pixels).permute(2, 0, 1)[None, :, round(top) :, round(left) :]
+        resized = F.interpolate(pixels[..., : round(height), : round(width)], (SIZE, SIZE), mode="bicubic", antialias=True)
+        return Crop(resized[0].permute(1, 2, 0).numpy(), (0, 0, SIZE, SIZE), crop.flip)
+
+    return apply
+
+
+def decode_only(image, rng) -> Crop:
+    image.load()
+    return Crop(np.zeros((1, 1, 4), np.uint8), (0, 0, 1, 1))
 
 
 def throughput_rows(urls: list[str], images: int, rounds: int) -> list[dict]:
-    normalize, augment = Normalize(IMAGENET_MEAN, IMAGENET_STD), train_transform(SIZE)
-    float_augment = lambda image, rng: normalize(augment(image, rng))  # noqa: E731
-    nothing = torch.zeros(0)
-    loaders = {
-        "stream: decode only, no tensor (the stream's own cost)": stream_loader(
-            urls, lambda image, rng: nothing
+    """Per pipeline: median images/s over the rounds, and the median and quartiles of its ratio to the
+    bare loop's rate in the same round (pairs in time cancel this VM's drift)."""
+    augment = train_transform(SIZE)
+    bare = "bare: tar read + PIL decode + RGB"
+    pipelines = {
+        bare: bare_images(urls),
+        "stream: decode only (the stream's own cost)": stream_images(stream_loader(urls, decode_only)),
+        "bigvit: decode + RandomResizedCrop + flip (resize on the device)": stream_images(
+            stream_loader(urls, augment)
         ),
-        "stream: decode → uint8 tensor": stream_loader(urls, lambda image, rng: pixels(image)),
-        "stream: decode + RandomResizedCrop + flip → uint8 (bigvit)": stream_loader(urls, augment),
-        "  the same + normalize to float in the worker": stream_loader(urls, float_augment),
-        # In one dataloader worker process: batches cross to the main process through shared memory.
-        "bigvit, in 1 worker process": stream_loader(urls, augment, workers=1),
-        "  the same + normalize in the worker, in 1 worker process": stream_loader(
-            urls, float_augment, workers=1
-        ),
+        "  the same with the resize in the worker": stream_images(stream_loader(urls, resized_in_worker(augment))),
     }
-    pipelines = {"bare: tar read + PIL decode + RGB": lambda: bare_loop(urls, images)}
-    pipelines.update(
-        {name: (lambda loader=loader: stream_loop(loader, images)) for name, loader in loaders.items()}
-    )
-    rates: dict[str, list[float]] = {name: [] for name in pipelines}
+    # A worker process prefetches while others are timed: started afresh each round, stopped after.
+    in_worker = "bigvit in 1 dataloader worker process (batches via shared memory)"
+    prep, cpu = BatchPrep(SIZE, IMAGENET_MEAN, IMAGENET_STD), torch.device("cpu")
+    device_batches = list(itertools.islice(stream_loader(urls, augment), 4))
+    on_device = "device: BatchPrep (resize + flip + normalize), on this CPU"
+    rates: dict[str, list[float]] = {name: [] for name in [*pipelines, in_worker, on_device]}
     for index in range(rounds + 1):  # the first round warms caches and is not counted
-        for name, run in pipelines.items():
-            count, elapsed = run()
-            if index:
-                rates[name].append(count / elapsed)
-    bare = statistics.median(rates["bare: tar read + PIL decode + RGB"])
-    return [
-        {
-            "pipeline": name,
-            "img/s": statistics.median(values),
-            "vs bare": statistics.median(values) / bare,
-            "ms/img": 1e3 / statistics.median(values),
-        }
-        for name, values in rates.items()
-    ]
+        measured = {name: rate(counts, images) for name, counts in pipelines.items()}
+        worker_images = stream_images(stream_loader(urls, augment, workers=1))
+        measured[in_worker] = rate(worker_images, images)
+        del worker_images
+        measured[on_device] = BATCH * len(device_batches) / seconds(lambda: [prep(b, cpu) for b in device_batches])
+        if index:
+            for name, value in measured.items():
+                rates[name].append(value)
+    rows = []
+    for name, values in rates.items():
+        ratios = [value / base for value, base in zip(values, rates[bare], strict=True)]
+        low, _, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+        rows.append(
+            {
+                "pipeline": name,
+                "img/s": statistics.median(values),
+                "ms/img": 1e3 / statistics.median(values),
+                "vs bare": statistics.median(ratios),
+                "vs bare, quartiles": f"{low:.3f}..{high:.3f}",
+            }
+        )
+    return rows
 
 
 def seconds(action, repeat: int = 1) -> float:
@@ -171,10 +207,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--images", type=int, default=512, help="JPEGs written (and read per round: 2 passes)"
-    )
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--images", type=int, default=512, help="JPEGs written, and read per pipeline per round")
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument(
         "--source-size",
         type=int,
@@ -186,14 +220,14 @@ def main() -> None:
     jpegs = natural_jpegs(args.images, size=args.source_size)
     with tempfile.TemporaryDirectory() as tmp:
         urls = write_shards(Path(tmp), jpegs)
-        rows = throughput_rows(urls, 2 * args.images, args.rounds)
+        rows = throughput_rows(urls, args.images, args.rounds)
         costs = resume_rows(urls)
     size = {"mean_jpeg_bytes": float(np.mean([len(j) for j in jpegs])), "images": args.images}
     report(
         "data_throughput" + ("" if args.source_size == SIZE else f"_source{args.source_size}"),
         f"images/s per worker (1 process, 1 thread), {args.source_size}x{args.source_size} JPEG q90 → "
         f"{SIZE}px crops, mean "
-        f"{size['mean_jpeg_bytes'] / 1024:.1f} KiB, batch {BATCH}, median of {args.rounds} rounds",
+        f"{size['mean_jpeg_bytes'] / 1024:.1f} KiB, batch {BATCH}, medians of {args.rounds} rounds",
         rows,
         size,
     )

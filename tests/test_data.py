@@ -134,4 +134,8 @@ def test_digits_config_builds_shards_on_first_use(tmp_path):
     cfg.root, cfg.num_workers = str(tmp_path / "d"), 0
     data = build_data(cfg, rank=0, world_size=1, local_batch=4, seed=0)
     batch = next(iter(data.train))
-    assert batch["image"].shape == (4, 3, 32, 32) and batch["label"].dtype == torch.long
+    # Workers ship crops at their own size, at most the 32 px of the stored digits, in RGBX.
+    assert batch["image"].dtype == torch.uint8 and batch["image"].shape[::3] == (4, 4)
+    assert (batch["extent"] <= 32).all() and batch["label"].dtype == torch.long
+    images, labels = data.device_batch(batch, torch.device("cpu"))
+    assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32 and torch.equal(labels, batch["label"])

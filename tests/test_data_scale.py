@@ -204,7 +204,7 @@ def test_sources_from_the_command_line_build_a_weighted_stream_and_bad_weights_a
 
 def test_weighted_sources_with_mixup_resume_exactly(tmp_path):
     sources = mixed_sources(tmp_path)
-    prep = BatchPrep((0.5,) * 3, (0.5,) * 3, Mixup(2, mixup_alpha=0.4, cutmix_alpha=1.0))
+    prep = BatchPrep(4, (0.5,) * 3, (0.5,) * 3, Mixup(2, mixup_alpha=0.4, cutmix_alpha=1.0))
     cpu = torch.device("cpu")
     expected = [prep(b, cpu) for b in itertools.islice(loader(sources, workers=2, batch_size=4), 12)]
     first = loader(sources, workers=2, batch_size=4)
@@ -218,14 +218,19 @@ def test_weighted_sources_with_mixup_resume_exactly(tmp_path):
     assert sum(bool(((labels > 0) & (labels < 1)).any()) for _, labels in expected) >= 6  # mixed batches
 
 
-def test_training_batches_are_uint8_and_normalized_on_the_device(uneven):
+def test_workers_ship_uint8_crops_that_the_device_resizes_flips_and_normalizes(uneven):
     batch = next(iter(loader(uneven, batch_size=4)))
-    images, labels = BatchPrep((0.5, 0.25, 0.0), (0.5, 0.5, 1.0))(batch, torch.device("cpu"))
-    assert batch["image"].dtype == torch.uint8 and images.dtype == torch.float32
-    expected = (batch["image"].float() / 255 - torch.tensor([0.5, 0.25, 0.0]).view(3, 1, 1)) / torch.tensor(
-        [0.5, 0.5, 1.0]
-    ).view(3, 1, 1)
-    assert torch.allclose(images, expected, atol=1e-6) and torch.equal(labels, batch["label"])
+    mean, std = torch.tensor([0.5, 0.25, 0.0]), torch.tensor([0.5, 0.5, 1.0])
+    images, labels = BatchPrep(4, mean.tolist(), std.tolist())(batch, torch.device("cpu"))
+    assert batch["image"].dtype == torch.uint8 and images.shape == (4, 3, 4, 4) and images.dtype == torch.float32
+    assert torch.equal(labels, batch["label"])
+    for i, ((h, w), flip) in enumerate(zip(batch["extent"].tolist(), batch["flip"].tolist(), strict=True)):
+        crop = batch["image"][i, :h, :w, :3].permute(2, 0, 1).float()[None]
+        resized = F.interpolate(crop, size=(4, 4), mode="bicubic", antialias=True).clamp(0, 255)[0]
+        resized = resized.flip(-1) if flip else resized
+        expected = (resized / 255 - mean.view(3, 1, 1)) / std.view(3, 1, 1)
+        assert torch.allclose(images[i], expected, atol=1e-4)
+        assert not batch["image"][i, h:].any() and not batch["image"][i, :, w:].any()  # zeros beyond the crop
 
 
 def constant_batch(size=8, side=16) -> dict:
@@ -300,7 +305,8 @@ def test_a_short_digits_run_with_mixup_and_cutmix_learns(tmp_path):
         optimizer.step()
     model.eval()
     with torch.no_grad():
-        right = [(model(b["image"]).argmax(-1) == b["label"]).float() for b in data.make_eval()]
+        evaluation = (data.eval_batch(b, torch.device("cpu")) for b in data.make_eval())
+        right = [(model(images).argmax(-1) == labels).float() for images, labels in evaluation]
     assert torch.cat(right).mean().item() > 0.35  # chance: 0.1; about 0.55 after these 120 steps
 
 

@@ -29,8 +29,9 @@ class DataBundle:
     train: Iterable[dict]
     make_eval: Callable[[], Iterable[dict]] | None  # a pass over shard data also has `skipped` after it ends
     # A training batch → (images, labels) on the device, ready for the model and the loss (shard data:
-    # uint8 → normalized float, then mixup/cutmix). Evaluation batches arrive normalized.
+    # crops resized, flipped, normalized, then mixup/cutmix); `eval_batch` the same for evaluation batches.
     device_batch: Callable[[dict, torch.device], tuple[torch.Tensor, torch.Tensor]] = on_device
+    eval_batch: Callable[[dict, torch.device], tuple[torch.Tensor, torch.Tensor]] = on_device
 
 
 def expand_urls(spec: str | list[str], key: str) -> list[str]:
@@ -106,11 +107,14 @@ def build_mix(cfg) -> Mixup | None:
 
 
 def build_shard_data(cfg, *, rank: int, world_size: int, local_batch: int, seed: int) -> DataBundle:
-    aug, on_error = cfg.augment, cfg.get("on_error", "warn")
+    aug, on_error, draft = cfg.augment, cfg.get("on_error", "warn"), cfg.get("jpeg_draft", True)
+    interpolation = aug.get("interpolation", "bicubic")
+    device_batch = BatchPrep(cfg.image_size, cfg.mean, cfg.std, build_mix(cfg), interpolation)
+    eval_batch = BatchPrep(cfg.image_size, cfg.mean, cfg.std, None, interpolation, train=False)
     stream = TrainStream(
         train_sources(cfg),
         local_batch,
-        train_transform(cfg.image_size, aug.scale, aug.ratio, aug.hflip),
+        train_transform(cfg.image_size, aug.scale, aug.ratio, aug.hflip, draft),
         rank=rank,
         world_size=world_size,
         seed=seed,
@@ -118,7 +122,7 @@ def build_shard_data(cfg, *, rank: int, world_size: int, local_batch: int, seed:
         on_error=on_error,
     )
     eval_urls = shard_urls(cfg, "eval_urls")
-    evaluation = eval_transform(cfg.image_size, cfg.crop_pct, cfg.mean, cfg.std)
+    evaluation = eval_transform(cfg.image_size, cfg.crop_pct, draft)
     make_eval = None
     if eval_urls:
         eval_sizes = shard_sizes(eval_urls, on_error)  # once, not per evaluation
@@ -135,8 +139,7 @@ def build_shard_data(cfg, *, rank: int, world_size: int, local_batch: int, seed:
             )
             return ResumableLoader.plain_loader(stream, cfg.num_workers)
 
-    device_batch = BatchPrep(cfg.mean, cfg.std, build_mix(cfg))
-    return DataBundle(ResumableLoader(stream, cfg.num_workers), make_eval, device_batch)
+    return DataBundle(ResumableLoader(stream, cfg.num_workers), make_eval, device_batch, eval_batch)
 
 
 def build_synthetic_data(cfg, *, rank: int, world_size: int, local_batch: int, seed: int) -> DataBundle:

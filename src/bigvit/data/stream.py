@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bigvit.data.plan import LayoutRecord, SourcePlan, buffer_after, extend_history, shuffled, units_after
 from bigvit.data.reader import (
@@ -47,7 +47,7 @@ from bigvit.data.reader import (
     read_units,
     shard_sizes,
 )
-from bigvit.data.transforms import Transform
+from bigvit.data.transforms import Crop, Transform, UndecodableImage, crop_batch
 from bigvit.errors import DataError
 
 log = logging.getLogger("bigvit")
@@ -56,8 +56,9 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
 STATE_VERSION = 2
 
 
-def decode(sample: dict) -> tuple[Image.Image, int]:
-    """(RGB image, class) of a raw sample; a missing or undecodable entry is a SampleError naming the sample."""
+def opened(sample: dict) -> tuple[Image.Image, int]:
+    """(image, class) of a raw sample, the image opened (its header read) but not yet decoded: the
+    transform decodes it, knowing its crop. A missing or unreadable entry is a SampleError naming the sample."""
     image_key = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
     if image_key is None or "cls" not in sample:
         raise SampleError(
@@ -67,17 +68,21 @@ def decode(sample: dict) -> tuple[Image.Image, int]:
             kind="missing",
         )
     try:
-        image = Image.open(io.BytesIO(sample[image_key]))
-        image.load()  # bad bytes fail here, as a SampleError, not later in a transform
-        return (image if image.mode == "RGB" else image.convert("RGB")), int(sample["cls"])
+        return Image.open(io.BytesIO(sample[image_key])), int(sample["cls"])
     except Exception as error:  # PIL raises several types for bad bytes; int() a ValueError
         raise SampleError(sample, f"does not decode: {error}") from error
 
 
-def decoded(sample: dict, skips: Skips) -> tuple[Image.Image, int] | None:
-    """decode(sample), or None when it is bad and `skips` lets it be skipped."""
+def transformed(
+    sample: dict, transform: Transform, rng: random.Random | None, skips: Skips
+) -> tuple[Crop, int] | None:
+    """(transform(image), class) of a raw sample, or None when it is bad and `skips` lets it be skipped."""
     try:
-        return decode(sample)
+        image, label = opened(sample)
+        try:
+            return transform(image, rng), label
+        except UndecodableImage as error:
+            raise SampleError(sample, f"does not decode: {error}") from error
     except SampleError as error:
         skips(error.kind, sample.get("__url__"), f"sample {sample.get('__key__')!r}", error)
         return None
@@ -101,9 +106,9 @@ def worker_slot(rank: int, world_size: int) -> tuple[int, int, int]:
     return worker, workers, rank * workers + worker
 
 
-def collate(images: list[torch.Tensor], labels: list[int]) -> dict:
-    # torch's collate stacks straight into shared memory in a worker: no copy when the batch is sent.
-    return {"image": default_collate(images), "label": torch.tensor(labels, dtype=torch.long)}
+def collate(images: list[Crop], labels: list[int]) -> dict:
+    """A batch of crops (transforms.crop_batch) and their labels, long (B,)."""
+    return {**crop_batch(images), "label": torch.tensor(labels, dtype=torch.long)}
 
 
 @dataclass(frozen=True)
@@ -183,9 +188,9 @@ def slot_items(
 class TrainStream(IterableDataset):
     """Endless, shuffled, augmented batches of `batch_size` for one rank; see the module docstring.
 
-    `sources`: shard URLs, or weighted `Source`s. A batch: "image" as the transform makes it (uint8
-    for train_transform), "label" long (B,), and "seed", a number for the batch's mixup/cutmix RNG
-    (applied on the device by transforms.BatchPrep) that a resumed stream reproduces.
+    `sources`: shard URLs, or weighted `Source`s. A batch: the transform's crops (transforms.crop_batch:
+    "image", "extent", "flip"), "label" long (B,), and "seed", a number for the batch's mixup/cutmix
+    RNG; transforms.BatchPrep finishes it on the device, the same way after a resume.
     """
 
     def __init__(
@@ -253,10 +258,12 @@ class TrainStream(IterableDataset):
             drawn += 1
             epoch, outputs, (shard, index, sample) = next(readers[source])
             positions[source] = (epoch, outputs)
-            if sample is None or (good := decoded(sample, skips)) is None:
+            if sample is None:
                 continue
             rng = random.Random(f"aug-{self.seed}-{source}-{epoch}-{shard}-{index}")
-            images.append(self.transform(good[0], rng))
+            if (good := transformed(sample, self.transform, rng, skips)) is None:
+                continue
+            images.append(good[0])
             labels.append(good[1])
             if len(images) == self.batch_size:
                 yield {
@@ -298,9 +305,9 @@ class EvalStream(IterableDataset):
         skips = Skips(self.on_error)
         images, labels = [], []
         for _, _, sample in read_units(plan.units(0, slot, self.world_size * workers), self.urls, skips):
-            if sample is None or (good := decoded(sample, skips)) is None:
+            if sample is None or (good := transformed(sample, self.transform, None, skips)) is None:
                 continue
-            images.append(self.transform(good[0]))
+            images.append(good[0])
             labels.append(good[1])
             if len(images) == self.batch_size:
                 yield {**collate(images, labels), "skipped": skips.take()}

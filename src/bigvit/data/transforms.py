@@ -1,12 +1,18 @@
-"""Image augmentations written with PIL and torch (no torchvision at run time).
+"""Image augmentations written with PIL and torch (no torchvision at run time), split where each is cheap.
+
+In the dataloader workers: decode and crop. A transform picks its crop box from the image's header
+(RandomResizedCrop's box, or the evaluation's centre square), decodes (JPEGs at 1/2, 1/4 or 1/8 scale
+in the DCT when the crop will shrink by 2x or more: `Image.draft`), and returns a `Crop`, the box's
+pixels at their own size as a view of PIL's memory (pixels.py). `crop_batch` copies a batch of them
+into the corner of one uint8 canvas, once.
+
+On the training device (`BatchPrep`): each crop resized to the training size by PIL's antialiased
+filters as two batched matmuls (resample.py), flipped, normalized, then mixed (mixup/cutmix). A
+crop's resize costs a worker about as much as decoding a 224 px JPEG, so in the worker it would
+halve the images/s a worker gives (bench/data.py); on an accelerator it costs next to nothing.
 
 Randomness comes from a `random.Random` handed in by the stream, seeded per sample (per batch for
 mixup/cutmix), so that a resumed stream reproduces the exact augmentation of every sample.
-
-Crops are resized as uint8 tensors by torch's antialiased bicubic kernel (several times faster than
-PIL's resize). Training batches stay uint8 until `BatchPrep` normalizes (and mixes) them on the
-training device: float batches are 4x the bytes through the dataloader's shared memory and to the
-device, which made a worker about 1.5x slower (bench/data.py).
 """
 
 from __future__ import annotations
@@ -20,42 +26,68 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils.data import get_worker_info
 
+from bigvit.data.pixels import rgbx
+from bigvit.data.resample import check_filter, resample
 from bigvit.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-Transform = Callable[[Image.Image, random.Random], torch.Tensor]
+Box = tuple[int, int, int, int]  # left, top, right, bottom
 
 
-def pixels(image: Image.Image) -> torch.Tensor:
-    """An RGB PIL image's pixels as uint8 (3, H, W) (a channels-last view of one copy)."""
-    return torch.from_numpy(np.array(image.convert("RGB") if image.mode != "RGB" else image)).permute(2, 0, 1)
+class UndecodableImage(Exception):
+    """An image's bytes failed to decode (the stream counts and skips the sample, or stops)."""
 
 
-class Normalize:
-    """uint8 (3, H, W) → float32 (x / 255 - mean) / std, contiguous, in one multiply-add."""
+@dataclass(frozen=True)
+class Crop:
+    """What a worker ships per image: `pixels` (h, w, 4) uint8 RGBX and, in their coordinates, the
+    `region` (top, left, height, width) to resize to the training size on the device (fractional
+    where the worker shrank the image), and whether to mirror it."""
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float]):
-        std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-        self.scale = 1 / (255 * std)
-        self.shift = -torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) / std
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        return image.contiguous().float().mul_(self.scale).add_(self.shift)
-
-
-def to_tensor(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """RGB PIL image → normalized float32 (3, H, W)."""
-    return Normalize(mean, std)(pixels(image))
+    pixels: np.ndarray
+    region: tuple[float, float, float, float]
+    flip: bool = False
 
 
-def resized_crop(image: torch.Tensor, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
-    """The `box` (left, top, right, bottom) of uint8 (3, H, W), resized to (3, size, size) (bicubic, antialiased)."""
-    left, top, right, bottom = box
-    crop = image[:, top:bottom, left:right].unsqueeze(0)
-    return F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True)[0]
+Transform = Callable[[Image.Image, random.Random], Crop]
+
+
+def decoded_crop(image: Image.Image, box: Box, size: int, draft: bool = True, flip: bool = False) -> Crop:
+    """The `box` of an opened, not yet decoded image: its pixels (a view of PIL's memory where it can
+    be) and where the box lies in them.
+
+    A box that will shrink by k >= 2 (its shorter side over `size`) is shrunk by about k here, so a
+    worker never ships much more than it must: JPEGs by decoding at 1/2, 1/4 or 1/8 scale in the
+    DCT (`draft`), other images by PIL's integer box reduce. The box, scaled with the pixels, stays
+    exact (fractional), so the device's resize covers the same part of the image.
+    """
+    left, top, right, bottom = (float(v) for v in box)
+    if draft and image.format == "JPEG" and min(right - left, bottom - top) >= 2 * size:
+        width, requested = image.width, (
+            math.ceil(image.width * size / (right - left)),
+            math.ceil(image.height * size / (bottom - top)),
+        )
+        if image.draft("RGB", requested) and image.width != width:
+            shrink = width / image.width
+            left, top, right, bottom = left / shrink, top / shrink, right / shrink, bottom / shrink
+    try:
+        image.load()
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+    except Exception as error:  # PIL raises several types for bad bytes
+        raise UndecodableImage(str(error) or type(error).__name__) from error
+    factor = max(1, int(min(right - left, bottom - top) // size))
+    # The whole pixels the box touches, widened to whole blocks of `factor` where the image allows.
+    x0, y0 = int(left), int(top)
+    x1 = min(x0 + math.ceil((right - x0) / factor) * factor, image.width)
+    y1 = min(y0 + math.ceil((bottom - y0) / factor) * factor, image.height)
+    pixels = rgbx(image.reduce(factor, (x0, y0, x1, y1))) if factor > 1 else rgbx(image)[y0:y1, x0:x1]
+    region = ((top - y0) / factor, (left - x0) / factor, (bottom - top) / factor, (right - left) / factor)
+    return Crop(pixels, region, flip)
 
 
 def random_resized_crop_box(
@@ -85,38 +117,68 @@ def random_resized_crop_box(
     return left, top, left + w, top + h
 
 
+def centre_crop_box(width: int, height: int, crop_pct: float) -> Box:
+    """The centre square of side crop_pct × the shorter side (as resizing the shorter side to
+    size / crop_pct and cropping size)."""
+    side = max(1, round(min(width, height) * crop_pct))
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
+
+
 def train_transform(
     image_size: int,
     scale: Sequence[float] = (0.08, 1.0),
     ratio: Sequence[float] = (3 / 4, 4 / 3),
     hflip: bool = True,
+    draft: bool = True,
 ) -> Transform:
-    """RandomResizedCrop(scale, ratio) to image_size and a horizontal flip: uint8 (3, image_size, image_size)."""
+    """RandomResizedCrop(scale, ratio) and a horizontal flip, the resize (to image_size) left to `BatchPrep`."""
 
-    def apply(image: Image.Image, rng: random.Random) -> torch.Tensor:
+    def apply(image: Image.Image, rng: random.Random) -> Crop:
         box = random_resized_crop_box(image.width, image.height, scale, ratio, rng)
-        crop = resized_crop(pixels(image), box, image_size)
-        return crop.flip(-1) if hflip and rng.random() < 0.5 else crop.contiguous()
+        flip = hflip and rng.random() < 0.5
+        return decoded_crop(image, box, image_size, draft, flip)
 
     return apply
 
 
-def eval_transform(
-    image_size: int,
-    crop_pct: float = 0.875,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-) -> Transform:
-    """The centre square of side crop_pct × the shorter side, resized to image_size (as resizing the shorter
-    side to image_size / crop_pct and cropping image_size)."""
-    normalize = Normalize(mean, std)
+def eval_transform(image_size: int, crop_pct: float = 0.875, draft: bool = True) -> Transform:
+    """The centre crop (`centre_crop_box`), the resize (to image_size) left to `BatchPrep`."""
 
-    def apply(image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
-        side = max(1, round(min(image.width, image.height) * crop_pct))
-        left, top = (image.width - side) // 2, (image.height - side) // 2
-        return normalize(resized_crop(pixels(image), (left, top, left + side, top + side), image_size))
+    def apply(image: Image.Image, rng: random.Random | None = None) -> Crop:
+        box = centre_crop_box(image.width, image.height, crop_pct)
+        return decoded_crop(image, box, image_size, draft)
 
     return apply
+
+
+def batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized tensor; in a dataloader worker, in shared memory, so that sending it to the
+    main process copies nothing (as torch's default_collate allocates)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+
+
+def crop_batch(crops: Sequence[Crop]) -> dict:
+    """Crops → "image" (B, H, W, 4) uint8, crop b's pixels in [b, :h_b, :w_b] (H, W the largest),
+    zeros elsewhere; "extent" (B, 2) long (h_b, w_b); "region" (B, 4) float64; "flip" (B,) bool."""
+    height = max(crop.pixels.shape[0] for crop in crops)
+    width = max(crop.pixels.shape[1] for crop in crops)
+    images = batch_tensor((len(crops), height, width, 4), torch.uint8)
+    canvas = images.numpy()  # numpy's slice copies cost a fraction of torch's per call
+    for slot, crop in zip(canvas, crops, strict=True):
+        h, w = crop.pixels.shape[:2]
+        slot[:h, :w] = crop.pixels
+        slot[:h, w:] = 0
+        slot[h:] = 0
+    return {
+        "image": images,
+        "extent": torch.tensor([crop.pixels.shape[:2] for crop in crops], dtype=torch.long),
+        "region": torch.tensor([crop.region for crop in crops], dtype=torch.float64),
+        "flip": torch.tensor([crop.flip for crop in crops], dtype=torch.bool),
+    }
 
 
 def cutmix_box(height: int, width: int, lam: float, rng: random.Random) -> tuple[int, int, int, int]:
@@ -180,19 +242,34 @@ class Mixup:
 
 
 class BatchPrep:
-    """A training batch on the device: uint8 images normalized to float, then mixed (seeded by the batch).
+    """A batch of crops (`crop_batch`) on the device: resized to `size` (filter `interpolation`),
+    flipped, normalized to float, then for training batches mixed (seeded by the batch).
 
-    Returns (images float (B, 3, H, W), labels): class numbers (B,), or with `mix` class probabilities (B, K).
+    Returns (images float (B, 3, size, size), labels): class numbers (B,), or with `mix` class
+    probabilities (B, K). `train=False` (evaluation) never mixes.
     """
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float], mix: Mixup | None = None):
-        self.normalize, self.mix = Normalize(mean, std), mix
+    def __init__(
+        self,
+        size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        mix: Mixup | None = None,
+        interpolation: str = "bicubic",
+        train: bool = True,
+    ):
+        self.size, self.interpolation = size, check_filter(interpolation)
+        self.mix = mix if train else None
+        std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.scale = 1 / (255 * std)
+        self.shift = -torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) / std
 
     def __call__(self, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        images = batch["image"].to(device, non_blocking=True)
+        pixels = batch["image"].to(device, non_blocking=True)[..., :3].permute(0, 3, 1, 2).float()
+        extents, regions, flip = (batch[key].to(device) for key in ("extent", "region", "flip"))
+        images = resample(pixels, extents, regions, self.size, self.interpolation, flip)
+        images = images.mul_(self.scale.to(device)).add_(self.shift.to(device))
         labels = batch["label"].to(device, non_blocking=True)
-        normalize = self.normalize
-        images = images.float().mul_(normalize.scale.to(device)).add_(normalize.shift.to(device))
         if self.mix is not None:
             mixed = self.mix({"image": images, "label": labels}, random.Random(int(batch["seed"])))
             images, labels = mixed["image"], mixed["label"]

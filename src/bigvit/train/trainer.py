@@ -199,8 +199,8 @@ class Trainer:
                 break
             if batch is None:
                 batch = filler
-            filler = {"image": batch["image"][:1], "label": torch.full((1,), -1)}
-            images, labels = batch["image"].to(device), batch["label"].to(device)
+            filler = {**{k: v[:1] for k, v in batch.items() if torch.is_tensor(v)}, "label": torch.full((1,), -1)}
+            images, labels = self.data.eval_batch(batch, device)
             logits = self.engine.forward(images).float()
             valid = labels >= 0
             sums[0] += (logits.argmax(-1) == labels)[valid].sum()
