@@ -3,7 +3,10 @@
 Writes 224x224 JPEG shards (crops of scikit-learn's sample photographs, so JPEG sizes are those of
 natural images) to a temp dir, then measures one process with one torch thread, as a dataloader
 worker runs:
-  bare:    read each member's bytes from the tar + PIL decode + convert("RGB")
+  bare:    read each member's bytes from the tar + PIL decode + convert("RGB"); and that with each
+           batch's decoded pixels copied into a fresh batch array, as any loader that hands its
+           pixels on must (the canvas alone costs page faults: new memory per batch, as a worker's
+           shared memory is)
   stream:  TrainStream (shard plan, tar reader, shuffle buffer, positions, batching) with decode only
            (the stream's own cost); then RandomResizedCrop + flip as bigvit's workers do it (decode,
            crop, batch the crops: the resize runs on the device); also in one dataloader worker
@@ -11,18 +14,17 @@ worker runs:
            in the worker (torch's antialiased bicubic on uint8, the fastest CPU resize here)
   device:  BatchPrep, the rest of the augmentation on the training device (resize, flip,
            normalize): its time per image on this CPU, in the main process
-Pipelines alternate round by round, each going on where it stopped; per round each is compared
-with the bare loop of that round, so that this VM's drift cancels; medians and quartiles are reported.
+Pipelines take turns in short segments, each going on where it stopped, so that this VM's drift
+falls on all alike; the median time per image is reported, and the spread of per-round ratios.
 Resume-state costs: state_dict() per call, the first batch of a resumed stream (buffer simulated,
 its samples re-read) vs a fresh one, and planning a layout change mid-epoch for a large epoch.
 
-    python bench/data.py [--images 512] [--rounds 15] [--source-size 224]
+    python bench/data.py [--rounds 100] [--segment 64] [--source-size 224]
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import io
 import itertools
 import random
@@ -39,10 +41,11 @@ import torch.nn.functional as F
 from common import report
 from PIL import Image
 
+from bigvit.data.pixels import rgbx
 from bigvit.data.plan import LayoutRecord, SourcePlan
 from bigvit.data.shards import write_split
 from bigvit.data.stream import ResumableLoader, TrainStream
-from bigvit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, BatchPrep, Crop, train_transform
+from bigvit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, BatchPrep, Crop, crop_batch, train_transform
 
 SIZE = 224
 BATCH = 32
@@ -87,6 +90,24 @@ def bare_images(urls: list[str]) -> Iterator[int]:
                         yield 1
 
 
+def bare_shipped_images(urls: list[str]) -> Iterator[int]:
+    """Endlessly: the bare loop, and each batch's whole decoded images copied into one fresh batch
+    array (crop_batch), the least a loader that hands its pixels on must add; BATCH per batch."""
+    images = bare_images_kept(urls)
+    while True:
+        crop_batch([Crop(pixels, (0, 0, *pixels.shape[:2])) for pixels in itertools.islice(images, BATCH)])
+        yield BATCH
+
+
+def bare_images_kept(urls: list[str]) -> Iterator[np.ndarray]:
+    while True:
+        for url in urls:
+            with tarfile.open(url, mode="r|") as tar:
+                for member in tar:
+                    if member.name.endswith(".jpg"):
+                        yield rgbx(Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB"))
+
+
 def stream_loader(urls: list[str], transform, workers: int = 0) -> ResumableLoader:
     stream = TrainStream(urls, BATCH, transform, rank=0, world_size=1, seed=0, shuffle_buffer=256)
     return ResumableLoader(stream, num_workers=workers)
@@ -100,13 +121,12 @@ def stream_images(loader: ResumableLoader) -> Iterator[int]:
         yield len(batch["label"])
 
 
-def rate(counts: Iterator[int], images: int) -> float:
-    """Images per second while drawing `images` from an endless iterator of counts."""
-    gc.collect()  # each pipeline's garbage, collected outside the timing of the next
+def seconds_per_image(counts: Iterator[int], images: int) -> float:
+    """Seconds per image while drawing at least `images` from an endless iterator of counts."""
     start, done = time.perf_counter(), 0
     while done < images:
         done += next(counts)
-    return done / (time.perf_counter() - start)
+    return (time.perf_counter() - start) / done
 
 
 def resized_in_worker(transform):
@@ -127,45 +147,48 @@ def decode_only(image, rng) -> Crop:
     return Crop(np.zeros((1, 1, 4), np.uint8), (0, 0, 1, 1))
 
 
-def throughput_rows(urls: list[str], images: int, rounds: int) -> list[dict]:
-    """Per pipeline: median images/s over the rounds, and the median and quartiles of its ratio to the
-    bare loop's rate in the same round (pairs in time cancel this VM's drift)."""
+def throughput_rows(urls: list[str], rounds: int, segment: int) -> list[dict]:
+    """Per pipeline: the median time per image over `rounds` segments of `segment` images, the
+    pipelines taking turns segment by segment (each going on where it stopped), so that this VM's
+    drift, which moves whole runs by 5-10%, falls on all alike; the quartiles of the per-round ratio
+    to the bare loop show the spread."""
     augment = train_transform(SIZE)
     bare = "bare: tar read + PIL decode + RGB"
     pipelines = {
         bare: bare_images(urls),
+        "bare + ship: and the decoded pixels copied into a fresh batch array": bare_shipped_images(urls),
         "stream: decode only (the stream's own cost)": stream_images(stream_loader(urls, decode_only)),
         "bigvit: decode + RandomResizedCrop + flip (resize on the device)": stream_images(
             stream_loader(urls, augment)
         ),
         "  the same with the resize in the worker": stream_images(stream_loader(urls, resized_in_worker(augment))),
     }
-    # A worker process prefetches while others are timed: started afresh each round, stopped after.
+    times: dict[str, list[float]] = {name: [] for name in pipelines}
+    for index in range(rounds + 2):  # the first rounds warm caches and are not counted
+        for name, counts in pipelines.items():
+            elapsed = seconds_per_image(counts, segment)
+            if index >= 2:
+                times[name].append(elapsed)
+    # A worker process prefetches 4 batches ahead: timed alone, from a fresh start, over 512 images.
     in_worker = "bigvit in 1 dataloader worker process (batches via shared memory)"
+    times[in_worker] = [seconds_per_image(stream_images(stream_loader(urls, augment, workers=1)), 512) for _ in range(3)]
     prep, cpu = BatchPrep(SIZE, IMAGENET_MEAN, IMAGENET_STD), torch.device("cpu")
     device_batches = list(itertools.islice(stream_loader(urls, augment), 4))
-    on_device = "device: BatchPrep (resize + flip + normalize), on this CPU"
-    rates: dict[str, list[float]] = {name: [] for name in [*pipelines, in_worker, on_device]}
-    for index in range(rounds + 1):  # the first round warms caches and is not counted
-        measured = {name: rate(counts, images) for name, counts in pipelines.items()}
-        worker_images = stream_images(stream_loader(urls, augment, workers=1))
-        measured[in_worker] = rate(worker_images, images)
-        del worker_images
-        measured[on_device] = BATCH * len(device_batches) / seconds(lambda: [prep(b, cpu) for b in device_batches])
-        if index:
-            for name, value in measured.items():
-                rates[name].append(value)
+    times["device: BatchPrep (resize + flip + normalize), on this CPU"] = [
+        seconds(lambda: [prep(b, cpu) for b in device_batches]) / (BATCH * len(device_batches)) for _ in range(3)
+    ]
+    base = statistics.median(times[bare])
     rows = []
-    for name, values in rates.items():
-        ratios = [value / base for value, base in zip(values, rates[bare], strict=True)]
-        low, _, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+    for name, values in times.items():
+        paired = [b / t for b, t in zip(times[bare], values, strict=False)] if name in pipelines else []
+        low, _, high = statistics.quantiles(paired, n=4) if len(paired) > 1 else (float("nan"),) * 3
         rows.append(
             {
                 "pipeline": name,
-                "img/s": statistics.median(values),
-                "ms/img": 1e3 / statistics.median(values),
-                "vs bare": statistics.median(ratios),
-                "vs bare, quartiles": f"{low:.3f}..{high:.3f}",
+                "img/s": 1 / statistics.median(values),
+                "ms/img": 1e3 * statistics.median(values),
+                "vs bare": base / statistics.median(values),
+                "per-round ratio, quartiles": f"{low:.3f}..{high:.3f}" if paired else "",
             }
         )
     return rows
@@ -207,8 +230,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--images", type=int, default=512, help="JPEGs written, and read per pipeline per round")
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--images", type=int, default=512, help="JPEGs written to the shards")
+    parser.add_argument("--rounds", type=int, default=100)
+    parser.add_argument("--segment", type=int, default=64, help="images per pipeline per round")
     parser.add_argument(
         "--source-size",
         type=int,
@@ -220,14 +244,14 @@ def main() -> None:
     jpegs = natural_jpegs(args.images, size=args.source_size)
     with tempfile.TemporaryDirectory() as tmp:
         urls = write_shards(Path(tmp), jpegs)
-        rows = throughput_rows(urls, args.images, args.rounds)
+        rows = throughput_rows(urls, args.rounds, args.segment)
         costs = resume_rows(urls)
     size = {"mean_jpeg_bytes": float(np.mean([len(j) for j in jpegs])), "images": args.images}
     report(
         "data_throughput" + ("" if args.source_size == SIZE else f"_source{args.source_size}"),
         f"images/s per worker (1 process, 1 thread), {args.source_size}x{args.source_size} JPEG q90 → "
         f"{SIZE}px crops, mean "
-        f"{size['mean_jpeg_bytes'] / 1024:.1f} KiB, batch {BATCH}, medians of {args.rounds} rounds",
+        f"{size['mean_jpeg_bytes'] / 1024:.1f} KiB, batch {BATCH}, medians of {args.rounds} rounds of {args.segment}",
         rows,
         size,
     )

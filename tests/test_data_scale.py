@@ -218,8 +218,9 @@ def test_weighted_sources_with_mixup_resume_exactly(tmp_path):
     assert sum(bool(((labels > 0) & (labels < 1)).any()) for _, labels in expected) >= 6  # mixed batches
 
 
-def test_workers_ship_uint8_crops_that_the_device_resizes_flips_and_normalizes(uneven):
-    batch = next(iter(loader(uneven, batch_size=4)))
+@pytest.mark.parametrize("workers", [0, 1])  # a worker's canvas is shared memory, zero when new
+def test_workers_ship_uint8_crops_that_the_device_resizes_flips_and_normalizes(uneven, workers):
+    batch = next(iter(loader(uneven, workers=workers, batch_size=4)))
     mean, std = torch.tensor([0.5, 0.25, 0.0]), torch.tensor([0.5, 0.5, 1.0])
     images, labels = BatchPrep(4, mean.tolist(), std.tolist())(batch, torch.device("cpu"))
     assert batch["image"].dtype == torch.uint8 and images.shape == (4, 3, 4, 4) and images.dtype == torch.float32
