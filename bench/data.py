@@ -79,33 +79,29 @@ def write_shards(directory: Path, jpegs: list[bytes], per_shard: int = 128) -> l
     return [str(directory / name) for name in split["shards"]]
 
 
-def bare_images(urls: list[str]) -> Iterator[int]:
-    """Endlessly: read each member's bytes from the shards and decode them with PIL; 1 per image."""
+def bare_decoded(urls: list[str]) -> Iterator[Image.Image]:
+    """Endlessly: read each member's bytes from the shards and decode them with PIL, as RGB."""
     while True:
         for url in urls:
             with tarfile.open(url, mode="r|") as tar:
                 for member in tar:
                     if member.name.endswith(".jpg"):
-                        Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")
-                        yield 1
+                        yield Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")
+
+
+def bare_images(urls: list[str]) -> Iterator[int]:
+    """The bare loop: 1 per decoded image."""
+    for _ in bare_decoded(urls):
+        yield 1
 
 
 def bare_shipped_images(urls: list[str]) -> Iterator[int]:
     """Endlessly: the bare loop, and each batch's whole decoded images copied into one fresh batch
     array (crop_batch), the least a loader that hands its pixels on must add; BATCH per batch."""
-    images = bare_images_kept(urls)
+    images = (rgbx(image) for image in bare_decoded(urls))
     while True:
         crop_batch([Crop(pixels, (0, 0, *pixels.shape[:2])) for pixels in itertools.islice(images, BATCH)])
         yield BATCH
-
-
-def bare_images_kept(urls: list[str]) -> Iterator[np.ndarray]:
-    while True:
-        for url in urls:
-            with tarfile.open(url, mode="r|") as tar:
-                for member in tar:
-                    if member.name.endswith(".jpg"):
-                        yield rgbx(Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB"))
 
 
 def stream_loader(urls: list[str], transform, workers: int = 0) -> ResumableLoader:

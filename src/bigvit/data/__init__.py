@@ -110,7 +110,7 @@ def build_shard_data(cfg, *, rank: int, world_size: int, local_batch: int, seed:
     aug, on_error, draft = cfg.augment, cfg.get("on_error", "warn"), cfg.get("jpeg_draft", True)
     interpolation = aug.get("interpolation", "bicubic")
     device_batch = BatchPrep(cfg.image_size, cfg.mean, cfg.std, build_mix(cfg), interpolation)
-    eval_batch = BatchPrep(cfg.image_size, cfg.mean, cfg.std, None, interpolation, train=False)
+    eval_batch = BatchPrep(cfg.image_size, cfg.mean, cfg.std, None, interpolation)
     stream = TrainStream(
         train_sources(cfg),
         local_batch,

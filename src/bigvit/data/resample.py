@@ -26,7 +26,7 @@ def _cubic(x: torch.Tensor, a: float = -0.5) -> torch.Tensor:
     return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
 
 
-FILTERS = {"bilinear": (_triangle, 1.0), "bicubic": (_cubic, 2.0)}
+FILTERS = {"bilinear": _triangle, "bicubic": _cubic}
 
 
 def check_filter(name: str) -> str:
@@ -48,7 +48,7 @@ def resample_weights(
     give output pixel i of `out` resampled from [starts[b], starts[b] + spans[b]) (PIL's `resize` with a
     box: kernel centres, support widened by the downscale factor, which is the antialiasing, and
     weights renormalized at the edges). `flip` (B,) bool reverses the output."""
-    kernel, _ = FILTERS[filter]
+    kernel = FILTERS[filter]
     shape = (-1, 1, 1)
     start, span = starts.to(torch.float32).view(shape), spans.to(torch.float32).view(shape)
     scale = span / out

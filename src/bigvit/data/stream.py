@@ -189,7 +189,7 @@ class TrainStream(IterableDataset):
     """Endless, shuffled, augmented batches of `batch_size` for one rank; see the module docstring.
 
     `sources`: shard URLs, or weighted `Source`s. A batch: the transform's crops (transforms.crop_batch:
-    "image", "extent", "flip"), "label" long (B,), and "seed", a number for the batch's mixup/cutmix
+    "image", "extent", "region", "flip"), "label" long (B,), and "seed", a number for the batch's mixup/cutmix
     RNG; transforms.BatchPrep finishes it on the device, the same way after a resume.
     """
 

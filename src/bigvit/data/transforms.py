@@ -245,7 +245,7 @@ class BatchPrep:
     flipped, normalized to float, then for training batches mixed (seeded by the batch).
 
     Returns (images float (B, 3, size, size), labels): class numbers (B,), or with `mix` class
-    probabilities (B, K). `train=False` (evaluation) never mixes.
+    probabilities (B, K). Evaluation batches take one without `mix`.
     """
 
     def __init__(
@@ -255,10 +255,8 @@ class BatchPrep:
         std: Sequence[float],
         mix: Mixup | None = None,
         interpolation: str = "bicubic",
-        train: bool = True,
     ):
-        self.size, self.interpolation = size, check_filter(interpolation)
-        self.mix = mix if train else None
+        self.size, self.interpolation, self.mix = size, check_filter(interpolation), mix
         std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         self.scale = 1 / (255 * std)
         self.shift = -torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) / std
