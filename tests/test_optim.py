@@ -10,7 +10,7 @@ import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
 from bigvit import build_model
-from bigvit.optim import SCHEDULES, apply_lr, clean_name, lr_factor, param_groups
+from bigvit.optim import SCHEDULES, apply_lr, clean_name, decay_start, lr_factor, param_groups
 
 TINY = dict(depth=3, width=48, heads=3, mlp_dim=96, image_size=32, patch_size=8, num_classes=10)
 BASE_LR = 1e-3
@@ -256,3 +256,39 @@ def test_bad_schedule_values_raise_naming_the_key(kwargs, message):
 def test_negative_step_raises():
     with pytest.raises(ValueError, match=r"step=-1"):
         lr_factor(-1, name="cosine", warmup_steps=0, total_steps=10)
+
+
+def test_wsd_warms_up_holds_then_decays_over_the_last_fraction():
+    kw = dict(warmup_steps=10, total_steps=100, decay_fraction=0.2, min_factor=0.0)
+    assert decay_start(100, 0.2) == 80
+    linear = factors("wsd", [0, 9, 10, 79, 80, 85, 90, 99, 100, 500], decay_shape="linear", **kw)
+    assert linear == [exact(e) for e in [0.1, 1.0, 1.0, 1.0, 1.0, 0.75, 0.5, 0.05, 0.0, 0.0]]
+    sqrt = factors("wsd", [79, 80, 85, 90, 99], decay_shape="sqrt", **kw)
+    assert sqrt == [exact(e) for e in [1.0, 1.0, 1 - math.sqrt(0.25), 1 - math.sqrt(0.5), 1 - math.sqrt(0.95)]]
+    floor = factors("wsd", [90, 100], decay_shape="linear", **{**kw, "min_factor": 0.2})
+    assert floor == [exact(0.2 + 0.8 * 0.5), 0.2]
+
+
+def test_a_shorter_wsd_run_is_a_prefix_of_a_longer_one_until_its_cooldown():
+    """What WSD cooldown branches rely on: before decay_start(T) the LR of a T-step run equals the
+    LR of any longer run, so the longer run's checkpoint at decay_start(T) starts the T-step cooldown."""
+    for short in (30, 60, 150):
+        start = decay_start(short, 0.2)
+        kw = dict(warmup_steps=10, decay_fraction=0.2)
+        assert factors("wsd", range(start + 1), total_steps=short, **kw) == factors(
+            "wsd", range(start + 1), total_steps=300, **kw
+        )
+        assert lr_factor(start + 1, name="wsd", total_steps=short, **kw) < 1.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(decay_shape="cos"), r"schedule\.decay_shape='cos' is not one of \['linear', 'sqrt'\]"),
+        (dict(decay_fraction=0.0), r"schedule\.decay_fraction=0\.0 must be in \(0, 1\]"),
+        (dict(decay_fraction=0.95), r"starts the cooldown at step 5 of 100, inside the warm-up"),
+    ],
+)
+def test_bad_wsd_values_raise_naming_the_key(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        lr_factor(0, name="wsd", warmup_steps=10, total_steps=100, **kwargs)

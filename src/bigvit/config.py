@@ -6,7 +6,7 @@ from hydra.core.config_store import ConfigStore
 
 from bigvit.errors import ConfigError
 from bigvit.models.vit import ViTConfig
-from bigvit.optim.schedule import SCHEDULES, lr_factor
+from bigvit.optim.schedule import SCHEDULES, lr_factor, schedule_args
 from bigvit.parallel.parallelize import AC_MODES, DTYPES, STRATEGIES
 from bigvit.train.loggers import CHECKPOINT_ARTIFACTS
 from bigvit.train.watchdog import ACTIONS as WATCHDOG_ACTIONS
@@ -46,13 +46,13 @@ def validate(cfg) -> None:
     for key in ("eval_every", "checkpoint_every", "keep_checkpoints"):
         check_positive(f"trainer.{key}", cfg.trainer[key], allow_zero=True)
     check_positive("data.batch_size", cfg.data.batch_size)
-    lr_factor(
-        0,
-        name=cfg.schedule.name,
-        warmup_steps=cfg.schedule.warmup_steps,
-        total_steps=cfg.trainer.max_steps,
-        min_factor=cfg.schedule.min_factor,
-    )  # raises on bad values
+    for step in cfg.trainer.get("checkpoint_at") or ():
+        if not isinstance(step, int) or not 0 < step <= cfg.trainer.max_steps:
+            raise ConfigError(
+                f"trainer.checkpoint_at holds {step!r}: each entry must be a step in "
+                f"[1, trainer.max_steps={cfg.trainer.max_steps}]"
+            )
+    lr_factor(0, **schedule_args(cfg.schedule, cfg.trainer.max_steps))  # raises on bad values
     if cfg.trainer.precision == "fp16" and cfg.parallel.strategy == "fsdp":
         raise ConfigError(
             "trainer.precision=fp16 needs loss scaling, which bigvit offers with parallel=single or "

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import webdataset as wds
 
+from bigvit.data.digit_strings import DigitStringStream
 from bigvit.data.reader import is_local, shard_sizes
 from bigvit.data.shards import ensure_digits, split_urls
 from bigvit.data.stream import EvalStream, ResumableLoader, Source, TrainStream, merge_states
@@ -157,7 +158,18 @@ def build_synthetic_data(cfg, *, rank: int, world_size: int, local_batch: int, s
     return DataBundle(SyntheticStream(**common, repeat_batch=cfg.get("repeat_batch", False)), make_eval)
 
 
-BUILDERS = {"digits": build_shard_data, "webdataset": build_shard_data, "synthetic": build_synthetic_data}
+def build_digit_strings(cfg, *, rank: int, world_size: int, local_batch: int, seed: int) -> DataBundle:
+    common = dict(global_batch=local_batch * world_size, rank=rank, world_size=world_size, seed=seed)
+    make_eval = (lambda: DigitStringStream(cfg, **common, eval=True)) if cfg.eval_samples else None
+    return DataBundle(DigitStringStream(cfg, **common), make_eval)
+
+
+BUILDERS = {
+    "digits": build_shard_data,
+    "webdataset": build_shard_data,
+    "synthetic": build_synthetic_data,
+    "digit_strings": build_digit_strings,
+}
 
 
 def build_data(cfg, *, rank: int, world_size: int, local_batch: int, seed: int) -> DataBundle:

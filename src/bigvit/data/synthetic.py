@@ -12,11 +12,16 @@ from collections.abc import Iterator
 import torch
 
 
-def synthetic_sample(seed: int, index: int, num_classes: int, image_size: int) -> tuple[torch.Tensor, int]:
+def synthetic_sample(
+    seed: int, index: int, num_classes: int, image_size: int, template_seed: int | None = None
+) -> tuple[torch.Tensor, int]:
+    """Sample `index` of the stream `seed`, noised around the class templates of `template_seed`
+    (default: `seed`); a held-out set is another stream around the same templates."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
     label = int(torch.randint(num_classes, (1,), generator=generator))
     noise = torch.randn(3, image_size, image_size, generator=generator)
-    return class_template(seed, label, image_size) + 0.5 * noise, label
+    template = class_template(seed if template_seed is None else template_seed, label, image_size)
+    return template + 0.5 * noise, label
 
 
 def class_template(seed: int, label: int, image_size: int) -> torch.Tensor:
@@ -47,11 +52,11 @@ class SyntheticStream:
         self.step = 0
 
     def batch(self, indices: range | list[int], seed: int) -> dict:
-        pairs = [synthetic_sample(seed, i, self.num_classes, self.image_size) for i in indices]
+        pairs = [synthetic_sample(seed, i, self.num_classes, self.image_size, self.seed) for i in indices]
         return {"image": torch.stack([p[0] for p in pairs]), "label": torch.tensor([p[1] for p in pairs])}
 
     def __iter__(self) -> Iterator[dict]:
-        if self.eval_samples:  # a held-out set drawn with another seed, strided over ranks
+        if self.eval_samples:  # held-out samples (another seed, the same classes), strided over ranks
             indices = list(range(self.rank, self.eval_samples, self.world_size))
             for start in range(0, len(indices), self.local_batch):
                 yield self.batch(indices[start : start + self.local_batch], self.seed + 1)

@@ -1,4 +1,12 @@
 from bigvit.optim.param_groups import clean_name, param_groups
-from bigvit.optim.schedule import SCHEDULES, apply_lr, lr_factor
+from bigvit.optim.schedule import SCHEDULES, apply_lr, decay_start, lr_factor, schedule_args
 
-__all__ = ["SCHEDULES", "apply_lr", "clean_name", "lr_factor", "param_groups"]
+__all__ = [
+    "SCHEDULES",
+    "apply_lr",
+    "clean_name",
+    "decay_start",
+    "lr_factor",
+    "param_groups",
+    "schedule_args",
+]

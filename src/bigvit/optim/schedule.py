@@ -9,10 +9,29 @@ import math
 
 from bigvit.errors import ConfigError
 
-SCHEDULES = ("cosine", "constant", "linear", "rsqrt")
+SCHEDULES = ("cosine", "constant", "linear", "rsqrt", "wsd")
+DECAY_SHAPES = ("linear", "sqrt")
 
 
-def lr_factor(step: int, *, name: str, warmup_steps: int, total_steps: int, min_factor: float = 0.0) -> float:
+def decay_start(total_steps: int, decay_fraction: float) -> int:
+    """First step of a WSD cooldown: the last round(decay_fraction * total_steps) steps decay.
+
+    A run of any length is identical to a longer WSD run up to this step, so a checkpoint of the
+    longer run taken here (after this many steps) starts this run's cooldown: `bigvit-scaling sweep`
+    branches shorter durations from it."""
+    return total_steps - round(decay_fraction * total_steps)
+
+
+def lr_factor(
+    step: int,
+    *,
+    name: str,
+    warmup_steps: int,
+    total_steps: int,
+    min_factor: float = 0.0,
+    decay_fraction: float = 0.2,
+    decay_shape: str = "sqrt",
+) -> float:
     """The LR multiplier at optimizer step `step` (0-based).
 
     All schedules warm up linearly: (step + 1) / warmup_steps for step < warmup_steps, so the first step
@@ -24,7 +43,11 @@ def lr_factor(step: int, *, name: str, warmup_steps: int, total_steps: int, min_
       - rsqrt:    sqrt(max(warmup_steps, 1) / (step + 1)), i.e. 1.0 at the end of the warm-up, then
                   1 / sqrt of the number of steps taken in units of warm-up lengths; it ignores
                   total_steps and min_factor.
-    cosine and linear hold min_factor from step total_steps on.
+      - wsd:      warm-up, stable (1.0), then decay over the last `decay_fraction` of the run (Hägele et
+                  al. 2024), from step s = decay_start(total_steps, decay_fraction) with
+                  progress = (step - s) / (total_steps - s): 1 - progress (decay_shape=linear) or
+                  1 - sqrt(progress) (decay_shape=sqrt), scaled into [min_factor, 1].
+    cosine, linear and wsd hold min_factor from step total_steps on.
     """
     if name not in SCHEDULES:
         raise ConfigError(f"schedule.name={name!r} is not one of {list(SCHEDULES)}")
@@ -38,6 +61,8 @@ def lr_factor(step: int, *, name: str, warmup_steps: int, total_steps: int, min_
         raise ConfigError(f"schedule.min_factor={min_factor} must be in [0, 1]")
     if step < 0:
         raise ConfigError(f"step={step} must be >= 0")
+    if name == "wsd":
+        return _wsd_factor(step, warmup_steps, total_steps, min_factor, decay_fraction, decay_shape)
 
     if step < warmup_steps:
         return (step + 1) / warmup_steps
@@ -50,6 +75,42 @@ def lr_factor(step: int, *, name: str, warmup_steps: int, total_steps: int, min_
     progress = (step - warmup_steps) / (total_steps - warmup_steps)  # in [0, 1): step < total_steps
     decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if name == "cosine" else 1.0 - progress
     return min_factor + (1.0 - min_factor) * decay
+
+
+def _wsd_factor(
+    step: int, warmup_steps: int, total_steps: int, min_factor: float, decay_fraction: float, decay_shape: str
+) -> float:
+    if decay_shape not in DECAY_SHAPES:
+        raise ConfigError(f"schedule.decay_shape={decay_shape!r} is not one of {list(DECAY_SHAPES)}")
+    if not 0.0 < decay_fraction <= 1.0:
+        raise ConfigError(f"schedule.decay_fraction={decay_fraction} must be in (0, 1]")
+    start = decay_start(total_steps, decay_fraction)
+    if start < warmup_steps:
+        raise ConfigError(
+            f"schedule.decay_fraction={decay_fraction} starts the cooldown at step {start} of "
+            f"{total_steps}, inside the warm-up (schedule.warmup_steps={warmup_steps}); lower one of them"
+        )
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if step < start:
+        return 1.0
+    if step >= total_steps:
+        return min_factor
+    progress = (step - start) / (total_steps - start)
+    decay = 1.0 - (math.sqrt(progress) if decay_shape == "sqrt" else progress)
+    return min_factor + (1.0 - min_factor) * decay
+
+
+def schedule_args(cfg, total_steps: int) -> dict:
+    """lr_factor's keyword arguments from a `schedule` config (conf/schedule/*.yaml)."""
+    return dict(
+        name=cfg.name,
+        warmup_steps=cfg.warmup_steps,
+        total_steps=total_steps,
+        min_factor=cfg.min_factor,
+        decay_fraction=cfg.get("decay_fraction", 0.2),
+        decay_shape=cfg.get("decay_shape", "sqrt"),
+    )
 
 
 def apply_lr(optimizer, base_lr: float, factor: float) -> float:

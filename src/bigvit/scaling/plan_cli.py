@@ -16,6 +16,7 @@ from rich.table import Table
 from bigvit.config import register_schemas
 from bigvit.errors import ConfigError
 from bigvit.models.registry import model_config
+from bigvit.models.vit import ViTConfig
 from bigvit.scaling.assumptions import Assumptions
 from bigvit.scaling.dryrun import dry_run
 from bigvit.scaling.hardware import build_cluster
@@ -44,7 +45,7 @@ def print_table(report: dict) -> None:
     print(f"{report['total_params']:,} parameters in all; dry run took {report['seconds']:.1f} s")
 
 
-def _layout_label(candidate: dict) -> str:
+def layout_label(candidate: dict) -> str:
     dims = "×".join(
         f"{key} {candidate[key]}" for key in ("dp_replicate", "dp_shard", "cp", "tp") if candidate[key] > 1
     )
@@ -77,7 +78,7 @@ def print_plan(report: dict) -> None:
         table.add_column(column, justify="left" if column == "layout" else "right")
     for c in report["candidates"]:
         if c["problem"]:
-            table.add_row(_layout_label(c), *["-"] * 7, "n/a", *["-"] * 3)
+            table.add_row(layout_label(c), *["-"] * 7, "n/a", *["-"] * 3)
             continue
         m, t = c["memory"], c["time"]
         gib = [
@@ -93,7 +94,7 @@ def print_plan(report: dict) -> None:
         ]
         marker = " ◀" if c["name"] == report["recommended"] else ""
         table.add_row(
-            _layout_label(c) + marker,
+            layout_label(c) + marker,
             f"{c['micro_batch']}×{c['grad_accum']}",
             *gib,
             "yes" if c["fits"] else "NO",
@@ -118,7 +119,7 @@ def print_plan(report: dict) -> None:
         t = best["time"]
         accum = f", {best['grad_accum']} accumulation steps" if best["grad_accum"] > 1 else ""
         print(
-            f"recommendation: {_layout_label(best)}, micro-batch {best['micro_batch']}{accum}: "
+            f"recommendation: {layout_label(best)}, micro-batch {best['micro_batch']}{accum}: "
             f"{best['memory']['total_bytes'] / GIB:.1f} of {best['hbm_bytes'] / GIB:.0f} GiB, step "
             f"{t['step_s']:.2f} s (compute {t['compute_s']:.2f}, tp {t['tp_s']:.2f}, cp {t['cp_s']:.2f}, "
             f"exposed dp {t['dp_exposed_s']:.2f} of {t['dp_comm_s']:.2f}, optimizer {t['optimizer_s']:.3f}), "
@@ -150,12 +151,13 @@ def use_dry_run(cfg: DictConfig) -> bool:
     return bool(mode)
 
 
-def run_planner(cfg: DictConfig) -> dict:
+def run_planner(cfg: DictConfig, model: ViTConfig | None = None) -> dict:
+    """The planner on cfg's cluster and assumptions, for `model` (default: the config's model)."""
     cluster = build_cluster(
         cfg.cluster.gpus, cfg.cluster.gpu, cfg.cluster.gpus_per_node, cfg.cluster.network_gbit_per_s
     )
     return plan(
-        model_config(OmegaConf.to_container(cfg.model, resolve=True)),
+        model or model_config(OmegaConf.to_container(cfg.model, resolve=True)),
         cluster,
         Assumptions.from_config(cfg.plan),
         cfg.data.batch_size,

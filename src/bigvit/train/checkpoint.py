@@ -37,6 +37,11 @@ def checkpoint_dirs(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint directory `step_%08d`."""
+    return int(STEP_DIR.match(path.name).group(1))
+
+
 def rank_key(rank: int) -> str:
     return f"rank{rank}"
 
@@ -53,8 +58,9 @@ def gathered_data_state(state: dict | None) -> dict | None:
 class Checkpointer:
     """The directory protocol (temp dir, rename, retention, compatibility); the engine writes the contents."""
 
-    def __init__(self, root: str | Path, rank: int, keep: int = 2):
-        self.root, self.rank, self.keep = Path(root), rank, keep
+    def __init__(self, root: str | Path, rank: int, keep: int = 2, pinned: tuple[int, ...] = ()):
+        """Keeps the newest `keep` checkpoints (0 = all) and, whatever their age, those of `pinned` steps."""
+        self.root, self.rank, self.keep, self.pinned = Path(root), rank, keep, set(pinned)
 
     def latest(self) -> Path | None:
         found = checkpoint_dirs(self.root)
@@ -85,7 +91,8 @@ class Checkpointer:
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             for old in checkpoint_dirs(self.root)[: -self.keep] if self.keep > 0 else []:
-                shutil.rmtree(old, ignore_errors=True)
+                if checkpoint_step(old) not in self.pinned:
+                    shutil.rmtree(old, ignore_errors=True)
         barrier()
         return final
 

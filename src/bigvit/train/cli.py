@@ -18,6 +18,7 @@ from omegaconf.errors import MissingMandatoryValue
 from bigvit.config import register_schemas
 from bigvit.errors import ConfigError
 from bigvit.parallel.distributed import DistEnv, broadcast_object, init_distributed, teardown
+from bigvit.scaling.results import append_results, record_from_run
 from bigvit.train.checkpoint import CheckpointError
 from bigvit.train.loggers import format_rate
 from bigvit.train.preemption import EXIT_PREEMPTED, Preempted
@@ -106,6 +107,11 @@ def run(cfg: DictConfig) -> dict:
         log_to_run_dir(run_dir, env)
         summary = Trainer(cfg, env, run_dir).fit()
         logging.getLogger("bigvit").info(closing_line(summary, run_dir))
+        if env.is_main and cfg.trainer.get("results_file"):
+            added = append_results(cfg.trainer.results_file, [record_from_run(run_dir)])
+            logging.getLogger("bigvit").info(
+                "results → %s%s", cfg.trainer.results_file, "" if added else " (already there)"
+            )
         return summary
     finally:
         teardown()

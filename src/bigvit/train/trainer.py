@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from bigvit.config import local_batch_size, validate
 from bigvit.data import build_data, prepare
 from bigvit.models.registry import build_model, count_params
-from bigvit.optim import apply_lr, lr_factor, param_groups
+from bigvit.optim import apply_lr, lr_factor, param_groups, schedule_args
 from bigvit.optim.lean import LeanAdam
 from bigvit.parallel.distributed import DistEnv, all_reduce, barrier
 from bigvit.parallel.mesh import build_mesh, resolve_dims
@@ -64,7 +64,10 @@ class Trainer:
         self.data = build_data(
             cfg.data, rank=dp_rank, world_size=self.dims.dp, local_batch=self.local_batch, seed=tcfg.seed
         )
-        self.checkpointer = Checkpointer(run_dir / "checkpoints", env.rank, tcfg.keep_checkpoints)
+        self.checkpoint_at = set(tcfg.get("checkpoint_at") or ())
+        self.checkpointer = Checkpointer(
+            run_dir / "checkpoints", env.rank, tcfg.keep_checkpoints, pinned=tuple(self.checkpoint_at)
+        )
         self.logger = build_loggers(
             cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True), env.is_main
         )
@@ -73,7 +76,7 @@ class Trainer:
         if env.is_main:
             clear_preempted(run_dir)
 
-        flops_per_image = train_flops(self.model_cfg)
+        self.flops_per_image = flops_per_image = train_flops(self.model_cfg)
         recompute = cfg.parallel.activation_checkpointing == "full"
         hardware_flops = train_flops(self.model_cfg, recompute=recompute)
         peak = peak_flops(env.device, DTYPES[tcfg.precision], cfg.hardware.peak_tflops) * env.world_size
@@ -115,7 +118,8 @@ class Trainer:
                 if (tcfg.eval_every and self.step % tcfg.eval_every == 0) or last:
                     eval_metrics = self.evaluate()
                     self.throughput.reset()  # evaluation time is not training throughput
-                if (tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0) or last:
+                periodic = tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0
+                if periodic or self.step in self.checkpoint_at or last:
                     self.save()
                     self.throughput.reset()
                 elif log_step and self.stop.requested():  # agreed where the loop syncs anyway, not every step
@@ -152,14 +156,7 @@ class Trainer:
         raise Preempted(signal_name, self.step)
 
     def set_lr(self) -> float:
-        scfg = self.cfg.schedule
-        factor = lr_factor(
-            self.step,
-            name=scfg.name,
-            warmup_steps=scfg.warmup_steps,
-            total_steps=self.cfg.trainer.max_steps,
-            min_factor=scfg.min_factor,
-        )
+        factor = lr_factor(self.step, **schedule_args(self.cfg.schedule, self.cfg.trainer.max_steps))
         return apply_lr(self.engine, self.cfg.optim.lr, factor)
 
     def train_step(self, batches) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,10 +249,15 @@ class Trainer:
         self.logger.checkpoint(path, self.step)
 
     def resume(self) -> None:
-        setting = str(self.cfg.trainer.resume)
+        """Continue from trainer.resume (auto: the newest checkpoint in the run dir); with none, start from
+        trainer.branch_from if set (a WSD cooldown branching off a longer run), else from scratch."""
+        setting, branch_from = str(self.cfg.trainer.resume), self.cfg.trainer.get("branch_from")
         path = (
             self.checkpointer.latest() if setting == "auto" else None if setting == "never" else Path(setting)
         )
+        if path is None and branch_from:
+            path = Path(branch_from)
+            log.info("branching from %s (trainer.branch_from)", path)
         if path is None:
             return
         expect = {"model": self.model_cfg.to_dict()}
@@ -275,6 +277,10 @@ class Trainer:
             "train_loss": metrics.get("loss"),
             "eval_top1": eval_metrics.get("eval_top1"),
             "eval_loss": eval_metrics.get("eval_loss"),
+            "eval": eval_metrics,  # every evaluator's metrics, for results files and sweeps
+            "global_batch": self.cfg.data.batch_size,
+            "examples_seen": self.step * self.cfg.data.batch_size,
+            "flops_per_image": self.flops_per_image,
             "images_per_sec": metrics.get("images_per_sec"),
             "mfu": metrics.get("mfu"),
             "world_size": self.env.world_size,
