@@ -9,7 +9,7 @@ TORCH := torch==2.13.0
 TIMM := timm==1.0.31
 ARGS ?=
 
-.PHONY: venv train test test-fast lint bench clean
+.PHONY: venv train test test-fast lint bench scaling-study clean
 
 venv: $(VENV)/.installed
 
@@ -39,6 +39,10 @@ lint: venv
 
 bench: venv
 	$(BIN)/python bench/step_throughput.py --models vit_s16 --steps 4
+
+# The embedded scaling study (not in CI): a WSD-branched star sweep, full-length runs to compare, fits, plots.
+scaling-study: venv
+	$(BIN)/python bench/scaling_digits.py $(ARGS)
 
 clean:
 	rm -rf outputs multirun wandb .pytest_cache

@@ -34,7 +34,9 @@ def report(name: str, title: str, rows: list[dict], extra: dict | None = None) -
         table.add_column(column, justify="right")
     for row in rows:
         table.add_row(*(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()))
-    Console().print(table)
+    console = Console()
+    # Wide enough for the table when stdout is a file or a pipe (rich assumes 80 columns there).
+    Console(width=max(console.width, 160) if not console.is_terminal else None).print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"rows": rows, "environment": environment(), **(extra or {})}, indent=1))

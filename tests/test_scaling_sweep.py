@@ -183,5 +183,9 @@ def test_micro_sweep_resumes_after_an_interruption_then_fits_plots_and_plans(tmp
     assert fit["ci95"]["b"][0] <= fit["params"]["b"] <= fit["ci95"]["b"][1]
 
     plots = run_scaling("plot", str(results), "--out", str(tmp_path / "plots"), "--metric", "eval_loss",
-                        "--bootstrap", "50")  # fmt: skip
+                        "--bootstrap", "50", "--wandb", "micro")  # fmt: skip
     assert (tmp_path / "plots" / "compute.png").stat().st_size > 10_000, plots.stdout
+    assert (tmp_path / "plots" / "isoflop.png").is_file() is False  # 6 points: too few for chinchilla
+    assert "isoflop.png: left out" in plots.stdout
+    logged = list((tmp_path / "plots" / "wandb").glob("offline-run-*/files/media/images/compute*.png"))
+    assert len(logged) == 1  # W&B (offline without an API key) holds the plot too

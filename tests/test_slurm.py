@@ -184,3 +184,19 @@ def test_multirun_submits_one_slurm_job_per_point(slurm, tmp_path):
         assert (summary(tmp_path / point)["final_step"], summary(tmp_path / point)["world_size"]) == (4, 2)
     tasks = sorted(p.name for p in (tmp_path / ".submitit").iterdir() if p.name[0].isdigit() and "_" in p.name)
     assert [task.split("_")[1] for task in tasks] == ["0", "1"]  # one Slurm array task per point
+
+
+def test_a_scaling_sweep_submits_its_points_as_slurm_jobs(slurm, tmp_path):
+    """`hydra/launcher=slurm` passes through bigvit-scaling sweep unchanged: each point (both the long
+    runs and their WSD cooldown branches) is a Slurm array task, and the results file collects them."""
+    from bigvit.scaling.results import read_results
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+    command = [sys.executable, "-m", "bigvit.scaling.scaling_cli", "sweep", "scaling=micro",
+               f"scaling.dir={tmp_path}", "hydra/launcher=slurm"]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-2000:])
+    records = read_results(tmp_path / "results.jsonl")
+    assert len(records) == 6 and sum(1 for r in records if r["branch_step"]) == 3
+    tasks = [p for p in (tmp_path / ".multirun" / ".submitit").iterdir() if "_" in p.name]
+    assert len(tasks) == 6  # 3 long runs, then 3 branches: one array task each

@@ -13,12 +13,11 @@ global batches and a resumed run continues exactly.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bigvit.data.synthetic import IndexedStream
 from bigvit.errors import ConfigError
 
 
@@ -53,27 +52,25 @@ def render(rng: np.random.Generator, glyphs: np.ndarray, labels: np.ndarray, len
     return np.broadcast_to((canvas - 0.5) / 0.5, (3, image_size, image_size)), label
 
 
-class DigitStringStream:
+class DigitStringStream(IndexedStream):
     """This rank's slice of each global batch of training images, or (eval=True) a fixed held-out set."""
 
     def __init__(self, cfg, *, global_batch: int, rank: int, world_size: int, seed: int, eval: bool = False):
+        super().__init__(global_batch, rank=rank, world_size=world_size, seed=seed,
+                         eval_samples=int(cfg.eval_samples) if eval else 0)  # fmt: skip
         length, size = int(cfg.length), int(cfg.image_size)
         if cfg.num_classes != 10**length:
             raise ConfigError(
                 f"data.num_classes={cfg.num_classes} must be 10**data.length = {10**length} for "
                 f"data.length={length} (the label is the number the digits spell)"
             )
-        if size // length < cfg.glyph_size or size < cfg.glyph_size:
+        if size // length < cfg.glyph_size:
             raise ConfigError(
                 f"data.glyph_size={cfg.glyph_size} does not fit {length} digit(s) side by side in "
                 f"data.image_size={size}: need glyph_size <= image_size // length = {size // length}"
             )
         self.glyphs, self.labels = glyph_sets(int(cfg.glyph_size), int(cfg.split_seed))["test" if eval else "train"]
         self.length, self.image_size, self.noise = length, size, float(cfg.noise)
-        self.global_batch, self.rank, self.world_size, self.seed = global_batch, rank, world_size, seed
-        self.local_batch = global_batch // world_size
-        self.eval_samples = int(cfg.eval_samples) if eval else 0
-        self.step = 0
 
     def batch(self, indices, seed: int) -> dict:
         samples = [
@@ -82,20 +79,3 @@ class DigitStringStream:
         ]
         images = torch.from_numpy(np.stack([s[0] for s in samples]))
         return {"image": images, "label": torch.tensor([s[1] for s in samples])}
-
-    def __iter__(self) -> Iterator[dict]:
-        if self.eval_samples:  # held-out glyphs, another seed, strided over ranks
-            indices = list(range(self.rank, self.eval_samples, self.world_size))
-            for start in range(0, len(indices), self.local_batch):
-                yield self.batch(indices[start : start + self.local_batch], self.seed + 1)
-            return
-        while True:
-            first = self.step * self.global_batch + self.rank * self.local_batch
-            self.step += 1
-            yield self.batch(range(first, first + self.local_batch), self.seed)
-
-    def state_dict(self) -> dict:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = state["step"]

@@ -30,33 +30,24 @@ def class_template(seed: int, label: int, image_size: int) -> torch.Tensor:
     return torch.randn(3, image_size, image_size, generator=generator)
 
 
-class SyntheticStream:
-    """Batches of this rank's slice of global batch `step`; `eval=True` gives a fixed finite set."""
+class IndexedStream:
+    """Batches of samples that are pure functions of (seed, global index): this rank's slice of global
+    batch `step` while training; with `eval_samples`, a fixed held-out set (another seed) strided over
+    ranks. Subclasses say what a batch of indices is (`batch`)."""
 
-    def __init__(
-        self,
-        global_batch: int,
-        num_classes: int,
-        image_size: int,
-        *,
-        rank: int,
-        world_size: int,
-        seed: int,
-        eval_samples: int = 0,
-        repeat_batch: bool = False,
-    ):
-        self.global_batch, self.num_classes, self.image_size = global_batch, num_classes, image_size
-        self.rank, self.world_size, self.seed, self.eval_samples = rank, world_size, seed, eval_samples
+    def __init__(self, global_batch: int, *, rank: int, world_size: int, seed: int, eval_samples: int = 0,
+                 repeat_batch: bool = False):  # fmt: skip
+        self.global_batch, self.rank, self.world_size, self.seed = global_batch, rank, world_size, seed
+        self.eval_samples = eval_samples
         self.repeat_batch = repeat_batch  # every step sees global batch 0: overfitting and memory checks
         self.local_batch = global_batch // world_size
         self.step = 0
 
     def batch(self, indices: range | list[int], seed: int) -> dict:
-        pairs = [synthetic_sample(seed, i, self.num_classes, self.image_size, self.seed) for i in indices]
-        return {"image": torch.stack([p[0] for p in pairs]), "label": torch.tensor([p[1] for p in pairs])}
+        raise NotImplementedError
 
     def __iter__(self) -> Iterator[dict]:
-        if self.eval_samples:  # held-out samples (another seed, the same classes), strided over ranks
+        if self.eval_samples:
             indices = list(range(self.rank, self.eval_samples, self.world_size))
             for start in range(0, len(indices), self.local_batch):
                 yield self.batch(indices[start : start + self.local_batch], self.seed + 1)
@@ -71,3 +62,15 @@ class SyntheticStream:
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
+
+
+class SyntheticStream(IndexedStream):
+    """Noisy class templates; held-out samples are other draws around the same templates."""
+
+    def __init__(self, global_batch: int, num_classes: int, image_size: int, **stream):
+        super().__init__(global_batch, **stream)
+        self.num_classes, self.image_size = num_classes, image_size
+
+    def batch(self, indices: range | list[int], seed: int) -> dict:
+        pairs = [synthetic_sample(seed, i, self.num_classes, self.image_size, self.seed) for i in indices]
+        return {"image": torch.stack([p[0] for p in pairs]), "label": torch.tensor([p[1] for p in pairs])}

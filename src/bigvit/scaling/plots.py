@@ -37,6 +37,13 @@ def shape_label(record: dict) -> str:
     return f"w{record.get('width')} d{record.get('depth')} mlp{record.get('mlp_dim')}"
 
 
+def log_ticks(plt, axis) -> None:
+    """Labels at 1, 2 and 5 of each decade: a sweep often spans one or two decades of compute."""
+    axis.set_major_locator(plt.matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.0e}".replace("e+", "e")))
+    axis.set_minor_formatter(plt.NullFormatter())
+
+
 def band(law: str, fit: dict, grid: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(prediction, 2.5th, 97.5th percentile over the bootstrap draws) on the columns in `grid`."""
     center = predict(law, fit["params"], grid)
@@ -63,10 +70,10 @@ def frontier_fit(x: np.ndarray, y: np.ndarray, bootstrap: int, seed: int) -> tup
 def plot_compute(plt, records, metric, out, bootstrap, seed, notes) -> Path:
     cols = columns(records)
     x, y = cols["compute"], cols[metric]
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    fig, ax = plt.subplots(figsize=(10, 5))
     by_size = sorted(records, key=lambda r: (r.get("params") or 0, r.get("depth") or 0))
     shapes = list(dict.fromkeys(shape_label(r) for r in by_size))
-    colours = plt.cm.viridis(np.linspace(0, 0.9, max(len(shapes), 1)))
+    colours = plt.cm.tab20(np.linspace(0, 1, max(len(shapes), 1)))
     for shape, colour in zip(shapes, colours, strict=True):
         idx = [i for i, r in enumerate(records) if shape_label(r) == shape and np.isfinite(y[i])]
         idx.sort(key=lambda i: x[i])
@@ -87,13 +94,14 @@ def plot_compute(plt, records, metric, out, bootstrap, seed, notes) -> Path:
         from bigvit.scaling.frontier import optimal_curve
 
         ax.plot(grid, optimal_curve(records, metric, grid, seed), "r--", lw=1.2,
-                label="compute-optimal (chinchilla fit, frontier shape path)")  # fmt: skip
+                label="compute-optimal (chinchilla fit along the shape path)")  # fmt: skip
     except ConfigError as error:
         notes.append(f"compute.png: no chinchilla frontier ({error})")
     ax.set(xscale="log", yscale="log", xlabel="training compute (FLOPs)", ylabel=metric,
            title=f"{metric} vs compute: {len(records)} runs, {len(shapes)} shapes")  # fmt: skip
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    log_ticks(plt, ax.xaxis)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     path = out / "compute.png"
     fig.tight_layout()
     fig.savefig(path, dpi=130)
@@ -105,15 +113,22 @@ def plot_isoflop(plt, records, metric, out, seed) -> Path:
     from bigvit.scaling.frontier import isoflop_curves
 
     cols = columns(records)
-    budgets = np.logspace(np.log10(np.nanmin(cols["compute"])), np.log10(np.nanmax(cols["compute"])), 4)
+    compute, params, observed = cols["compute"], cols["params"], cols[metric]
+    budgets = np.logspace(np.log10(np.nanmin(compute)), np.log10(np.nanmax(compute)), 4)
+    # A decade either side of the sizes trained: the path goes on far beyond what the fit has seen.
+    shown = (np.nanmin(params) / 10, np.nanmax(params) * 10)
     fig, ax = plt.subplots(figsize=(7, 5))
     colours = plt.cm.plasma(np.linspace(0, 0.85, len(budgets)))
     for (budget, n, predicted), colour in zip(isoflop_curves(records, metric, budgets, seed), colours, strict=True):
-        ax.plot(n, predicted, "-", color=colour, label=f"{budget:.2g} FLOPs")
-        best = int(np.nanargmin(predicted))
-        ax.plot(n[best], predicted[best], "*", color=colour, ms=12)
+        inside = (n >= shown[0]) & (n <= shown[1])
+        ax.plot(n[inside], predicted[inside], "-", color=colour, label=f"{budget:.2g} FLOPs")
+        best = int(np.nanargmin(np.where(inside, predicted, np.nan)))
+        ax.plot(n[best], predicted[best], "*", color=colour, ms=13, mec="black", mew=0.5)
+        near = np.abs(np.log(compute / budget)) < np.log(1.3)  # runs within 30% of this budget
+        ax.plot(params[near], observed[near], "o", color=colour, mec="black", mew=0.5, ms=6)
+    ax.set_ylim(np.nanmin(observed) / 3, np.nanmax(observed) * 3)
     ax.set(xscale="log", yscale="log", xlabel="parameters", ylabel=f"predicted {metric}",
-           title="isoFLOP curves (chinchilla fit); ★ = compute-optimal size")  # fmt: skip
+           title="isoFLOP curves of the chinchilla fit (★ optimum; ● runs within 30%)")  # fmt: skip
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     path = out / "isoflop.png"
@@ -150,6 +165,8 @@ def plot_shape(plt, records, metric, out, bootstrap, seed) -> list[Path]:
             best = int(np.argmin(curve))
             ax.plot(grid[best], curve[best], "*", color=colour, ms=11)
         s = fit["params"][f"s_{dim}"]
+        ax.set_xticks(values, [f"{v:g}" for v in values])
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
         ax.set(xscale="log", yscale="log", xlabel=dim, ylabel=metric,
                title=f"{metric} vs {dim} (others at the centre); s_{dim} = {s:.3g}")  # fmt: skip
         ax.grid(True, which="both", alpha=0.3)

@@ -13,6 +13,7 @@ second multirun branches one short cooldown run from each of those checkpoints (
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -35,7 +36,7 @@ from bigvit.errors import ConfigError
 from bigvit.models.registry import model_config
 from bigvit.optim.schedule import decay_start
 from bigvit.scaling.flops import train_flops
-from bigvit.scaling.results import known_runs, read_results
+from bigvit.scaling.results import known_runs
 from bigvit.train.loggers import format_duration
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -81,14 +82,14 @@ def shape_combinations(scfg) -> list[list[str]]:
             combos.append([f"{k}={_value_text(v)}" for k, v in zip(grid, values, strict=True)])
     star = scfg.get("star")
     if star:
-        if not star.get("centre") or not star.get("vary"):
+        if not star.get("centre"):
             raise ConfigError("scaling.star needs a centre ({key: value}) and vary ({key: [values]})")
-        centre = dict(star.centre)
-        missing = [k for k in star.vary if k not in centre]
+        centre, vary = dict(star.centre), dict(star.get("vary") or {})
+        missing = [k for k in vary if k not in centre]
         if missing:
             raise ConfigError(f"scaling.star.vary keys {missing} are not in scaling.star.centre {list(centre)}")
         combos.append([f"{k}={_value_text(v)}" for k, v in centre.items()])
-        for key, values in star.vary.items():
+        for key, values in vary.items():
             for value in values:
                 if value != centre[key]:
                     combos.append([f"{k}={_value_text(value if k == key else v)}" for k, v in centre.items()])
@@ -283,12 +284,20 @@ class Progress:
             return "ETA after the first steps"
         return f"ETA {format_duration((time.monotonic() - self.start) / trained * left)}"
 
+    def finished(self) -> list[dict]:
+        """The records written so far; a line another job is still writing is left for the next poll."""
+        if not self.results.is_file():
+            return []
+        records = []
+        for line in self.results.read_text().split("\n")[:-1]:  # the part after the last newline is unfinished
+            with contextlib.suppress(json.JSONDecodeError):
+                records.append(json.loads(line))
+        return records
+
     def poll(self) -> None:
         """Print a line for each point that finished since the last poll."""
-        if not self.results.is_file():
-            return
         by_run = {p.key: p for p in self.points}
-        for record in read_results(self.results) if self.results.stat().st_size else []:
+        for record in self.finished():
             run = record.get("run")
             if run in by_run and run not in self.done:
                 self.done.add(run)
@@ -339,6 +348,7 @@ def sweep(scfg, passthrough: list[str]) -> dict:
     sweep_dir = Path(scfg.dir).resolve()
     results = Path(scfg.results).resolve() if scfg.get("results") else sweep_dir / "results.jsonl"
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
     common = [*(str(o) for o in scfg.get("overrides") or []), *passthrough]
     schedule = compose_train(common, "the sweep's common overrides").schedule
     decay_fraction = schedule.get("decay_fraction") if schedule.name == "wsd" else None
@@ -363,6 +373,8 @@ def sweep(scfg, passthrough: list[str]) -> dict:
     missing = [p.id for p in points if p.key not in progress.done]
     if missing:
         raise ConfigError(f"the sweep ended but {len(missing)} point(s) wrote no result: {missing[:5]}")
+    previous = sweep_dir / "sweep.json"
+    earlier = json.loads(previous.read_text()).get("wall_seconds", 0.0) if previous.is_file() else 0.0
     summary = {
         "sweep": scfg.name,
         "dir": str(sweep_dir),
@@ -372,6 +384,7 @@ def sweep(scfg, passthrough: list[str]) -> dict:
         "compute": spent,
         "compute_full_durations": full,
         "compute_ratio": spent / full,
+        "wall_seconds": earlier + time.monotonic() - started,  # summed over the calls that resumed it
     }
     (sweep_dir / "sweep.json").write_text(json.dumps(summary, indent=1))
     return summary
