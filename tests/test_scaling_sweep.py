@@ -176,6 +176,8 @@ def test_micro_sweep_resumes_after_an_interruption_then_fits_plots_and_plans(tmp
 
     again = run_scaling("sweep", "scaling=micro", f"scaling.dir={sweep_dir}")
     assert "(6 already in results.jsonl)" in again.stdout and "through Hydra multirun" not in again.stdout
+    other = run_scaling("sweep", "scaling=micro", f"scaling.dir={sweep_dir}", "optim.lr=0.01", check=False)
+    assert other.returncode != 0 and "holds a sweep run with the overrides" in other.stderr
 
     fit = json.loads(run_scaling("fit", str(results), "--law", "power", "--metric", "eval_loss",
                                  "--bootstrap", "200", "--format", "json").stdout)  # fmt: skip

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,8 @@ SBATCH = ROOT / "launch" / "slurm" / "train.sbatch"
 
 
 USABLE_STATES = ("idle", "mixed", "allocated", "completing")
+# Slurm compares credential times in whole seconds: a requeued job must start in a later second.
+REVOKE_GRACE_S = 2.0
 
 
 def cluster_up(wait_s: float = 30) -> bool:
@@ -95,22 +98,28 @@ def wait_done(job: str, log: Path, timeout: float = 300) -> dict:
     """Wait until the job has left the queue for good; returns its last fields.
 
     A requeued job waits for a begin time Slurm sets about two minutes ahead (time for nodes to
-    clean up); the test releases it as soon as both nodes are idle again, as an admin would, so the
-    suite stays short. Released earlier, while a node still cleans up the first run, the job dies
-    ("Killing non-startable batch job: Job credential revoked").
+    clean up); the test releases it sooner, as an admin would, so the suite stays short: once both
+    nodes are idle and at least REVOKE_GRACE_S after the requeue. The requeue revokes the job's
+    credential, and slurmd refuses any credential of that job created in the same second or before
+    (`cred->ctime <= revoked`, whole seconds): released within that second, the job dies ("Killing
+    non-startable batch JobId: Job credential revoked"), which is what made this test fail on a
+    loaded machine, whose nodes turn idle fast enough to hit it. A real requeue waits its BeginTime.
     """
     last: dict[str, str] = {}
+    pending_since: float | None = None
 
     def finished() -> bool:
-        nonlocal last
+        nonlocal last, pending_since
         fields = job_fields(job)
         if fields is None:
             return False
         if not fields:
             return True
         last = fields
-        if fields["JobState"] == "PENDING" and fields.get("Reason") == "BeginTime" and nodes_idle():
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+        if fields["JobState"] == "PENDING" and fields.get("Reason") == "BeginTime":
+            pending_since = pending_since or time.monotonic()
+            if time.monotonic() - pending_since >= REVOKE_GRACE_S and nodes_idle():
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
         return fields["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
 
     try:
@@ -198,5 +207,5 @@ def test_a_scaling_sweep_submits_its_points_as_slurm_jobs(slurm, tmp_path):
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-2000:])
     records = read_results(tmp_path / "results.jsonl")
     assert len(records) == 6 and sum(1 for r in records if r["branch_step"]) == 3
-    tasks = [p for p in (tmp_path / ".multirun" / ".submitit").iterdir() if "_" in p.name]
+    tasks = [p for p in (tmp_path / ".multirun" / ".submitit").iterdir() if p.is_dir() and p.name[0].isdigit() and "_" in p.name]
     assert len(tasks) == 6  # 3 long runs, then 3 branches: one array task each

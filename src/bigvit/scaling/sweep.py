@@ -343,6 +343,19 @@ def branch_saving(points: list[Point]) -> tuple[float, float]:
     return spent, sum(p.compute * p.steps / (p.steps - p.first_step) for p in points)
 
 
+def check_same_study(sweep_dir: Path, overrides: list[str]) -> None:
+    """Refuse to resume a sweep directory with other common overrides: its finished points would count
+    as done although they trained something else (launcher overrides may change between calls)."""
+    previous = sweep_dir / "sweep.json"
+    if previous.is_file():
+        before = json.loads(previous.read_text()).get("overrides")
+        if before is not None and before != overrides:
+            raise ConfigError(
+                f"scaling.dir={sweep_dir} holds a sweep run with the overrides {before}, not {overrides}: "
+                "resume it with the same ones or give another scaling.dir"
+            )
+
+
 def sweep(scfg, passthrough: list[str]) -> dict:
     """Run (or resume) the study `scfg` (the scaling config group); returns a JSON-ready summary."""
     sweep_dir = Path(scfg.dir).resolve()
@@ -350,6 +363,7 @@ def sweep(scfg, passthrough: list[str]) -> dict:
     sweep_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     common = [*(str(o) for o in scfg.get("overrides") or []), *passthrough]
+    check_same_study(sweep_dir, [o for o in common if not is_launch_override(o)])
     schedule = compose_train(common, "the sweep's common overrides").schedule
     decay_fraction = schedule.get("decay_fraction") if schedule.name == "wsd" else None
     points = expand(scfg, sweep_dir, decay_fraction if decay_fraction is not None else 0.2)
@@ -384,6 +398,7 @@ def sweep(scfg, passthrough: list[str]) -> dict:
         "compute": spent,
         "compute_full_durations": full,
         "compute_ratio": spent / full,
+        "overrides": [o for o in common if not is_launch_override(o)],
         "wall_seconds": earlier + time.monotonic() - started,  # summed over the calls that resumed it
     }
     (sweep_dir / "sweep.json").write_text(json.dumps(summary, indent=1))
