@@ -125,18 +125,6 @@ def fitted_path(records: list[dict], metric: str, published: bool, bootstrap: in
     return chinchilla, ShapePath(reference_config(records, metric), exponents), source, shape_fit
 
 
-def optimal_curve(records: list[dict], metric: str, budgets: np.ndarray, seed: int = 0) -> np.ndarray:
-    """The compute-optimal predicted metric at each budget (the frontier of `bigvit-scaling frontier`)."""
-    chinchilla, path, _, _ = fitted_path(records, metric, False, 0, seed)
-    return np.array([np.nanmin(path.predicted(chinchilla["params"], b)) for b in budgets])
-
-
-def isoflop_curves(records: list[dict], metric: str, budgets: np.ndarray, seed: int = 0) -> list[tuple]:
-    """[(budget, params of each shape on the path, predicted metric)] at fixed budgets."""
-    chinchilla, path, _, _ = fitted_path(records, metric, False, 0, seed)
-    return [(b, path.params, path.predicted(chinchilla["params"], b)) for b in budgets]
-
-
 def interval(chinchilla: dict, n: float, d: float) -> list[float] | None:
     """95% interval of the predicted metric over the chinchilla fit's bootstrap draws."""
     samples = chinchilla.get("samples") or {}

@@ -67,7 +67,7 @@ def frontier_fit(x: np.ndarray, y: np.ndarray, bootstrap: int, seed: int) -> tup
     raise ConfigError("; ".join(problems))
 
 
-def plot_compute(plt, records, metric, out, bootstrap, seed, notes) -> Path:
+def plot_compute(plt, records, metric, out, bootstrap, seed, optimum, notes) -> Path:
     cols = columns(records)
     x, y = cols["compute"], cols[metric]
     fig, ax = plt.subplots(figsize=(10, 5))
@@ -90,13 +90,12 @@ def plot_compute(plt, records, metric, out, bootstrap, seed, notes) -> Path:
         ax.fill_between(grid, lo, hi, color="black", alpha=0.12, label="95% band")
     except ConfigError as error:
         notes.append(f"compute.png: no law on the frontier ({error})")
-    try:
-        from bigvit.scaling.frontier import optimal_curve
-
-        ax.plot(grid, optimal_curve(records, metric, grid, seed), "r--", lw=1.2,
-                label="compute-optimal (chinchilla fit along the shape path)")  # fmt: skip
-    except ConfigError as error:
-        notes.append(f"compute.png: no chinchilla frontier ({error})")
+    if isinstance(optimum, str):
+        notes.append(f"compute.png: no chinchilla frontier ({optimum})")
+    else:
+        params, path = optimum
+        best = [np.nanmin(path.predicted(params, budget)) for budget in grid]
+        ax.plot(grid, best, "r--", lw=1.2, label="compute-optimal (chinchilla fit along the shape path)")
     ax.set(xscale="log", yscale="log", xlabel="training compute (FLOPs)", ylabel=metric,
            title=f"{metric} vs compute: {len(records)} runs, {len(shapes)} shapes")  # fmt: skip
     ax.grid(True, which="both", alpha=0.3)
@@ -109,9 +108,10 @@ def plot_compute(plt, records, metric, out, bootstrap, seed, notes) -> Path:
     return path
 
 
-def plot_isoflop(plt, records, metric, out, seed) -> Path:
-    from bigvit.scaling.frontier import isoflop_curves
-
+def plot_isoflop(plt, records, metric, out, optimum) -> Path:
+    if isinstance(optimum, str):
+        raise ConfigError(optimum)
+    chinchilla_params, path = optimum
     cols = columns(records)
     compute, params, observed = cols["compute"], cols["params"], cols[metric]
     budgets = np.logspace(np.log10(np.nanmin(compute)), np.log10(np.nanmax(compute)), 4)
@@ -119,7 +119,9 @@ def plot_isoflop(plt, records, metric, out, seed) -> Path:
     shown = (np.nanmin(params) / 10, np.nanmax(params) * 10)
     fig, ax = plt.subplots(figsize=(7, 5))
     colours = plt.cm.plasma(np.linspace(0, 0.85, len(budgets)))
-    for (budget, n, predicted), colour in zip(isoflop_curves(records, metric, budgets, seed), colours, strict=True):
+    n = path.params
+    for budget, colour in zip(budgets, colours, strict=True):
+        predicted = path.predicted(chinchilla_params, budget)
         inside = (n >= shown[0]) & (n <= shown[1])
         ax.plot(n[inside], predicted[inside], "-", color=colour, label=f"{budget:.2g} FLOPs")
         best = int(np.nanargmin(np.where(inside, predicted, np.nan)))
@@ -189,6 +191,17 @@ def log_to_wandb(paths: list[Path], project: str, out: Path) -> None:
     run.finish()
 
 
+def compute_optimal_path(records: list[dict], metric: str, seed: int):
+    """(chinchilla params, ShapePath) as `bigvit-scaling frontier` fits them, or why there are none."""
+    from bigvit.scaling.frontier import fitted_path
+
+    try:
+        chinchilla, path, _, _ = fitted_path(records, metric, False, 0, seed)
+    except ConfigError as error:
+        return str(error)
+    return chinchilla["params"], path
+
+
 def plot_results(records: list[dict], out: Path, metric: str = "eval_error", bootstrap: int = 1000,
                  seed: int = 0, wandb_project: str | None = None) -> list[Path]:  # fmt: skip
     """Write the PNGs into `out`; returns their paths (and logs them to W&B with a project)."""
@@ -197,9 +210,10 @@ def plot_results(records: list[dict], out: Path, metric: str = "eval_error", boo
     if metric not in columns(records):
         raise ConfigError(f"--metric {metric!r} is not a column of the results; columns: {sorted(columns(records))}")
     notes: list[str] = []
-    paths = [plot_compute(plt, records, metric, out, bootstrap, seed, notes)]
+    optimum = compute_optimal_path(records, metric, seed)
+    paths = [plot_compute(plt, records, metric, out, bootstrap, seed, optimum, notes)]
     for name, make in (
-        ("isoflop.png", lambda: [plot_isoflop(plt, records, metric, out, seed)]),
+        ("isoflop.png", lambda: [plot_isoflop(plt, records, metric, out, optimum)]),
         ("shape_*.png", lambda: plot_shape(plt, records, metric, out, bootstrap, seed)),
     ):
         try:

@@ -20,6 +20,7 @@ import yaml
 from bigvit.errors import ConfigError
 from bigvit.models.registry import model_config
 from bigvit.scaling.flops import train_flops
+from bigvit.train.checkpoint import checkpoint_step
 
 SHAPE_KEYS = ("width", "depth", "mlp_dim", "heads", "patch_size", "image_size")
 # The columns every record has (None where a run has no value, e.g. no held-out set).
@@ -39,14 +40,6 @@ COLUMNS = (
 )
 
 
-def _branch_step(branch_from: str | None) -> int:
-    """The step a cooldown branch started from (0 for a run trained from scratch)."""
-    if not branch_from:
-        return 0
-    meta = Path(branch_from) / "bigvit.json"
-    return int(json.loads(meta.read_text())["step"]) if meta.is_file() else 0
-
-
 def record_from_run(run_dir: str | Path) -> dict:
     """The results record of a finished run, from its summary.json and config.yaml."""
     run_dir = Path(run_dir)
@@ -60,7 +53,8 @@ def record_from_run(run_dir: str | Path) -> dict:
     batch = int(summary.get("global_batch") or cfg["data"]["batch_size"])
     steps = int(summary["final_step"])
     flops = float(summary.get("flops_per_image") or train_flops(model))
-    branch_step = _branch_step(cfg["trainer"].get("branch_from"))
+    branch_from = cfg["trainer"].get("branch_from")  # a cooldown branch started at that checkpoint's step
+    branch_step = checkpoint_step(Path(branch_from)) if branch_from else 0
     eval_metrics = summary.get("eval") or {
         k: summary[k] for k in ("eval_top1", "eval_loss") if summary.get(k) is not None
     }

@@ -37,9 +37,11 @@ from bigvit.models.registry import model_config
 from bigvit.optim.schedule import decay_start
 from bigvit.scaling.flops import train_flops
 from bigvit.scaling.results import known_runs
+from bigvit.train.checkpoint import checkpoint_step
+from bigvit.train.cli import CONF_DIR as TRAIN_CONF_DIR
 from bigvit.train.loggers import format_duration
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(TRAIN_CONF_DIR)
 STEPS_KEY = "trainer.max_steps"
 POINT_GROUP = "scaling_point"
 
@@ -60,7 +62,7 @@ class Point:
     @property
     def first_step(self) -> int:
         """The step this run starts training from: a branch's checkpoint step, else 0."""
-        return int(self.branch_from.name.split("_")[1]) if self.branch_from else 0
+        return checkpoint_step(self.branch_from) if self.branch_from else 0
 
     @property
     def key(self) -> str:
