@@ -28,6 +28,9 @@ OPTIONS = {
     "no_biases": dict(qkv_bias=False, proj_bias=False, mlp_bias=False, norm_bias=False),
     "math_kernel": dict(attn_impl="math"),
     "vit_22b_style": VIT_22B_STYLE,
+    "patch_dropout": dict(patch_dropout=0.5),
+    # 8×8 patches in 3×3 windows of 3×3 (the grid padded to 9×9), block 1 global.
+    "windowed": dict(class_token=False, pool="gap", window_size=3, global_every=2),
 }
 
 
@@ -112,6 +115,8 @@ SHARDED = dict(
 SHARDED_OPTIONS = {
     "plain_gap": dict(pool="gap"),
     "vit_22b_style": OPTIONS["vit_22b_style"],
+    # 49 patches + class token = 50 tokens: padded to 52 for tp 2 × cp 2.
+    "class_token_padded": dict(class_token=True, num_registers=0, pool="cls"),
 }
 
 

@@ -122,12 +122,15 @@ def test_cp_rank_gradients_average_to_the_single_process_gradient(two_ranks):
 
 
 # -- end to end through the CLI --------------------------------------------------------------------
-# TINY has 3 heads and 16 patches + a class token = 17 tokens, which no cp > 1 divides; these have 4
-# heads (1 per rank at cp=4, or tp=2 × cp=2) and 16 or 18 tokens.
+# 4 heads (1 per rank at cp=4, or tp=2 × cp=2). ViT-B/16's 196 patches + a class token = 197 tokens,
+# which no cp > 1 divides: the model pads them to 198 (cp=2) or 200 (cp=4, tp=2 × cp=2), masked.
 MODELS = {
     "gap": ["model.heads=4", "model.class_token=false", "model.pool=gap"],  # 16 patches
     "map": ["model.heads=4", "model.class_token=false", "model.pool=map"],  # MAP head on the gathered tokens
     "cls": ["model.heads=4", "model.pool=cls", "model.num_registers=1"],  # class + register + 16 = 18
+    "cls197": ["model.heads=4", "model.pool=cls", "model.patch_size=16", "data.image_size=224"],
+    # 8 of 16 patches kept + class = 9 tokens, padded to 10; cp ranks draw the same patches.
+    "dropout": ["model.heads=4", "model.pool=cls", "model.patch_dropout=0.5"],
 }
 
 
@@ -149,13 +152,14 @@ def single_runs(tmp_path_factory):
 @pytest.mark.parametrize(
     "model,layout,nproc",
     [
-        ("gap", ["parallel=fsdp_cp"], 2),  # cp 2
-        ("gap", ["parallel=fsdp_cp", "parallel.cp=4"], 4),  # cp 4: one head and 4 tokens per rank
+        ("cls197", ["parallel=fsdp_cp"], 2),  # cp 2: 197 tokens padded to 198
+        ("cls197", ["parallel=fsdp_cp", "parallel.cp=4"], 4),  # cp 4: one head and 50 tokens per rank
         ("map", ["parallel=fsdp_cp", "parallel.dp_shard=2"], 4),  # FSDP 2 × cp 2
         ("cls", ["parallel=hsdp", "parallel.dp_shard=1", "parallel.cp=2"], 4),  # replicate 2 × cp 2
-        ("gap", ["parallel=fsdp_cp", "parallel.tp=2"], 4),  # tp 2 (sequence parallel) × cp 2
+        ("cls197", ["parallel=fsdp_cp", "parallel.tp=2"], 4),  # tp 2 (sequence parallel) × cp 2: pad to 200
+        ("dropout", ["parallel=fsdp_cp"], 2),  # patch dropout: 9 kept tokens padded to 10
     ],
-    ids=["cp2", "cp4", "fsdp2xcp2-map", "hsdp2xcp2-cls", "tp2xcp2"],
+    ids=["cp2-cls197", "cp4-cls197", "fsdp2xcp2-map", "hsdp2xcp2-cls", "tp2xcp2-cls197", "cp2-patch-dropout"],
 )
 def test_context_parallel_matches_one_process(tmp_path, single_runs, model, layout, nproc):
     run_train(tmp_path / "cp", [*SGD, *MODELS[model], *layout], nproc=nproc)
@@ -166,9 +170,7 @@ def test_context_parallel_matches_one_process(tmp_path, single_runs, model, layo
     "model,cp,message",
     [
         (dict(heads=3, class_token=False, pool="gap"), 2, "parallel.cp=2 does not divide model.heads=3"),
-        (dict(heads=4, class_token=True, pool="cls"), 4, "does not divide the sequence of 17 tokens"),
-        # 16 patches + class + register = 18: suggests 2 more registers (20 tokens).
-        (dict(heads=4, class_token=True, pool="cls", num_registers=1), 4, "model.num_registers=3,"),
+        (dict(heads=4, window_size=2), 2, "parallel.cp=2 shards the token sequence, which model.window_size=2"),
     ],
 )
 def test_layouts_that_do_not_split_are_named(model, cp, message):
@@ -178,13 +180,14 @@ def test_layouts_that_do_not_split_are_named(model, cp, message):
 
 
 @pytest.mark.slow
-def test_sequence_that_does_not_split_fails_at_start_up_in_one_line(tmp_path):
-    result = run_train(tmp_path / "bad", [*COMMON, "model.heads=4", "parallel=fsdp_cp"], nproc=2, check=False)
+def test_windowed_attention_under_cp_fails_at_start_up_in_one_line(tmp_path):
+    windowed = ["model.heads=4", "model.class_token=false", "model.pool=gap", "model.window_size=2"]
+    result = run_train(tmp_path / "bad", [*COMMON, *windowed, "parallel=fsdp_cp"], nproc=2, check=False)
     assert result.returncode != 0
     errors = {line for line in result.stderr.splitlines() if line.startswith("bigvit: error:")}
     assert errors == {
-        "bigvit: error: parallel.cp=2 does not divide the sequence of 17 tokens (16 patches + 1 "
-        "class/register tokens); use model.class_token=false with pool=gap or map, model.num_registers=1, "
-        "or an image_size/patch_size giving a multiple of 2 tokens"
+        "bigvit: error: parallel.cp=2 shards the token sequence, which model.window_size=2 attention "
+        "partitions by windows of the patch grid instead; use parallel.tp for windowed models or "
+        "model.window_size=0"
     }  # the same line from each rank, and no Python traceback
     assert "ConfigError" not in result.stderr

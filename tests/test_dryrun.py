@@ -40,6 +40,15 @@ def test_per_rank_parameter_bytes_are_the_sharded_share(name, world_size, layout
     assert report["seconds"] < 60
 
 
+def test_class_token_model_dry_runs_under_sequence_parallel():
+    # ViT-g/14's 257 tokens: sequence parallel over tp=8 pads them to 264 (it used to refuse them).
+    report = dry_run(model_cfg("vit_g14"), parallel(tp=8), 512)
+    assert (report["world_size"], report["layout"]["tp"], report["layout"]["dp_shard"]) == (512, 8, 64)
+    # Blocks shard over all 512 ranks; embeddings and norms replicate over tp, sharded over dp only.
+    ideal = report["total_params"] * 4 / 512
+    assert ideal < report["params_bytes"] < 1.1 * ideal
+
+
 def test_cli_prints_one_json_document():
     result = subprocess.run(
         [

@@ -105,6 +105,22 @@ def test_cli_json_is_one_document_with_the_expected_keys():
     )
 
 
+def test_class_token_models_get_sequence_and_context_parallel_layouts_with_padding():
+    result = run_plan("model=vit_g14", "cluster.gpus=64", "cluster.gpu=h100", "plan.format=json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    sharded = {c["name"]: c for c in report["candidates"] if c["name"].startswith(("fsdp_tp", "fsdp_cp"))}
+    assert len(sharded) == 12 and not any(c["problem"] for c in sharded.values())  # 2, 4, 8 each, ± AC
+    assert all(c["sequence_parallel"] for name, c in sharded.items() if name.startswith("fsdp_tp"))
+    # 257 tokens (256 patches + class token) padded to a multiple of the shard degree, and timed so.
+    assert {name: c["tokens"] for name, c in sharded.items() if "+ac" not in name} == {
+        "fsdp_tp2": 258, "fsdp_tp4": 260, "fsdp_tp8": 264, "fsdp_cp2": 258, "fsdp_cp4": 260, "fsdp_cp8": 264
+    }
+    assert all(c["time"]["images_per_s"] > 0 for c in sharded.values())
+    printed = run_plan("model=vit_g14", "cluster.gpus=64", "cluster.gpu=h100").stdout
+    assert "tokens: 257 per image, padded" in printed and "n/a fsdp_cp" not in printed
+
+
 def test_unknown_gpu_is_named_with_the_valid_ones():
     result = run_plan("model=vit_b16", "cluster.gpus=8", "cluster.gpu=b300")
     assert result.returncode != 0

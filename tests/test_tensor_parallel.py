@@ -5,6 +5,7 @@ single-process losses, global gradient norms and (with plain SGD) final weights 
 """
 
 import json
+import zlib
 from pathlib import Path
 
 import pytest
@@ -29,25 +30,24 @@ COMMON = [
     "trainer.precision=fp32",
     # TINY's 3 heads do not split over tp=2; 2 heads of 24 keep the width at 48.
     "model.heads=2",
-    # 16 patches + class token + 1 register = 18 tokens, so sequence parallel splits them over tp=2.
-    "model.num_registers=1",
+    # 16 patches + class token = 17 tokens: sequence parallel pads them to 18 and masks the padding.
 ]
 # Plain SGD makes the final weights a direct function of the gradients. The zero-init head leaves
 # the blocks almost still at a usual LR, so take large steps (every weight moves ~1e-5..1e-1 in 5
 # steps); clipping at 0.3 acts on most steps, so the clipped global norm is part of the parity.
 SGD = ["optim=sgd", "optim.lr=4", "optim.momentum=0", "optim.grad_clip=0.3"]
 # ViT-22B style: parallel blocks, QK-norm, no qkv/norm biases, MAP pooling; plus layer scale.
-# Without a class token the 16 patches are the 16 tokens (num_registers=0).
+# Without a class token the 16 patches are the 16 tokens.
 VIT22B = [
     "model.parallel_block=true",
     "model.qk_norm=true",
     "model.qkv_bias=false",
     "model.norm_bias=false",
     "model.class_token=false",
-    "model.num_registers=0",
     "model.pool=map",
     "model.layer_scale=1.0",
 ]
+WINDOWED = ["model.class_token=false", "model.pool=gap", "model.window_size=2", "model.global_every=2"]
 REL = 1e-5  # fp32: different reduction orders only
 
 
@@ -103,11 +103,17 @@ def single(tmp_path_factory):
         (["parallel.sequence_parallel=false"], []),
         (["parallel.sequence_parallel=true"], []),
         (["parallel.sequence_parallel=true"], VIT22B),
+        # ViT-B/16's token count: 196 patches + class token = 197, padded to 198.
+        (["parallel.sequence_parallel=true"], ["model.patch_size=16", "data.image_size=224"]),
+        # 8 of 16 patches + class token = 9, padded to 10; both tp ranks draw the same patches.
+        (["parallel.sequence_parallel=true"], ["model.patch_dropout=0.5"]),
+        # Windows of 2×2 patches in block 0, global attention in block 1.
+        (["parallel.sequence_parallel=true"], WINDOWED),
     ],
-    ids=["tp", "tp_sp", "tp_sp_vit22b"],
+    ids=["tp", "tp_sp", "tp_sp_vit22b", "tp_sp_cls197", "tp_sp_patch_dropout", "tp_sp_windowed"],
 )
 def test_tp_matches_single_process_losses_grad_norms_and_weights(tmp_path, single, layout, model):
-    reference = single("sgd_" + ("vit22b" if model else "vit"), [*SGD, *model])
+    reference = single(f"sgd_{zlib.crc32(' '.join(model).encode())}", [*SGD, *model])
     run_train(tmp_path, [*COMMON, *SGD, *model, *TP, *layout], nproc=2)
     assert max_rel_diff(losses(reference), losses(tmp_path)) <= REL
     assert max_rel_diff(grad_norms(reference), grad_norms(tmp_path)) <= REL
@@ -146,9 +152,8 @@ def test_heads_that_do_not_split_fail_at_start_up_with_one_line(tmp_path):
     [
         ({"heads": 3}, False, "model.heads=3 does not split over parallel.tp=2"),
         ({"mlp_dim": 97}, False, "model.mlp_dim=97 does not split over parallel.tp=2"),
-        ({}, True, "shards the 17 tokens (16 patches + 1 class/register tokens) over parallel.tp=2"),
     ],
-    ids=["heads", "mlp_dim", "tokens"],
+    ids=["heads", "mlp_dim"],
 )
 def test_check_tp_layout_names_the_values_that_do_not_split(overrides, sequence_parallel, message):
     cfg = ViTConfig(**{**MODEL, **overrides})

@@ -245,7 +245,8 @@ class BatchPrep:
     flipped, normalized to float, then for training batches mixed (seeded by the batch).
 
     Returns (images float (B, 3, size, size), labels): class numbers (B,), or with `mix` class
-    probabilities (B, K). Evaluation batches take one without `mix`.
+    probabilities (B, K). Evaluation batches take one without `mix`. A call's `size` overrides the
+    default (progressive resizing: data/resolution.py).
     """
 
     def __init__(
@@ -261,10 +262,12 @@ class BatchPrep:
         self.scale = 1 / (255 * std)
         self.shift = -torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) / std
 
-    def __call__(self, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, batch: dict, device: torch.device, size: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         pixels = batch["image"].to(device, non_blocking=True)[..., :3].permute(0, 3, 1, 2).float()
         extents, regions, flip = (batch[key].to(device) for key in ("extent", "region", "flip"))
-        images = resample(pixels, extents, regions, self.size, self.interpolation, flip)
+        images = resample(pixels, extents, regions, size or self.size, self.interpolation, flip)
         images = images.mul_(self.scale.to(device)).add_(self.shift.to(device))
         labels = batch["label"].to(device, non_blocking=True)
         if self.mix is not None:
@@ -273,6 +276,12 @@ class BatchPrep:
         return images, labels
 
 
-def on_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images, labels) of a batch that is ready as it is (synthetic data), on the device."""
-    return batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
+def on_device(
+    batch: dict, device: torch.device, size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, labels) of a batch that is ready as it is (synthetic data), on the device; resized
+    (bicubic, antialiased) when `size` differs from the images' own."""
+    images = batch["image"].to(device, non_blocking=True)
+    if size and size != images.shape[-1]:
+        images = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return images, batch["label"].to(device, non_blocking=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from bigvit.models.vit import ViTConfig
@@ -47,3 +48,9 @@ def export_safetensors(
 
 def import_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
+
+
+def safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a .safetensors file (bigvit-export writes `model`, the config as JSON, and `step`)."""
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata() or {}

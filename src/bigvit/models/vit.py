@@ -15,7 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bigvit.errors import ConfigError
-from bigvit.models.attention import ATTN_IMPLS, attention
+from bigvit.models.attention import ATTN_IMPLS, attention, window_attention
+from bigvit.models.resample import resample_pos_embed
 
 POOLS = ("cls", "gap", "map")
 
@@ -44,6 +45,9 @@ class ViTConfig:
     parallel_block: bool = False
     layer_scale: float | None = None
     drop_path: float = 0.0
+    patch_dropout: float = 0.0  # share of patches dropped per image while training (FLIP); 0 = off
+    window_size: int = 0  # > 0: attention within window_size² patch windows (ViTDet, SAM); 0 = global
+    global_every: int = 0  # with window_size: every global_every-th block attends globally (0 = none)
     norm_eps: float = 1e-6
     attn_impl: str = "auto"
 
@@ -73,6 +77,28 @@ class ViTConfig:
                 f"model.num_classes={self.num_classes}, model.num_registers={self.num_registers} must be "
                 f">= 0 and model.drop_path={self.drop_path} in [0, 1)"
             )
+        if not 0.0 <= self.patch_dropout < 1.0:
+            raise ConfigError(f"model.patch_dropout={self.patch_dropout} must be in [0, 1)")
+        self._check_windows()
+
+    def _check_windows(self) -> None:
+        if self.window_size < 0 or self.global_every < 0:
+            raise ConfigError(
+                f"model.window_size={self.window_size} and model.global_every={self.global_every} must be >= 0"
+            )
+        if not self.window_size:
+            return
+        if self.num_prefix_tokens:
+            raise ConfigError(
+                f"model.window_size={self.window_size} windows the patch grid, which class/register tokens "
+                "are not part of: use model.class_token=false model.num_registers=0 with pool=gap or map "
+                "(as ViTDet and SAM)"
+            )
+        if self.patch_dropout:
+            raise ConfigError(
+                f"model.window_size={self.window_size} needs the whole patch grid, which "
+                f"model.patch_dropout={self.patch_dropout} breaks up; set one of them to 0"
+            )
 
     @classmethod
     def from_dict(cls, values: dict) -> ViTConfig:
@@ -100,6 +126,32 @@ class ViTConfig:
     @property
     def num_tokens(self) -> int:
         return self.num_patches + self.num_prefix_tokens
+
+    @property
+    def kept_patches(self) -> int:
+        """Patches per image a training forward keeps under patch dropout (all of them at eval)."""
+        return kept_patches(self.num_patches, self.patch_dropout)
+
+    @property
+    def train_tokens(self) -> int:
+        """Tokens per image in a training forward: the kept patches and the class/register tokens."""
+        return self.kept_patches + self.num_prefix_tokens
+
+    def block_window(self, index: int) -> int:
+        """The attention window of block `index` (0: global)."""
+        if not self.window_size or (self.global_every and (index + 1) % self.global_every == 0):
+            return 0
+        return self.window_size
+
+
+def kept_patches(num_patches: int, patch_dropout: float) -> int:
+    # At least one patch survives (timm's PatchDropout rounds the same way).
+    return num_patches if not patch_dropout else max(1, int(num_patches * (1.0 - patch_dropout)))
+
+
+def padded_length(tokens: int, multiple: int) -> int:
+    """`tokens` rounded up to a multiple of `multiple` (the sequence-shard degree)."""
+    return -(-tokens // multiple) * multiple
 
 
 def layer_norm(cfg: ViTConfig, dim: int | None = None) -> nn.LayerNorm:
@@ -133,30 +185,35 @@ class LayerScale(nn.Module):
 
 class AttentionKernel(nn.Module):
     """Softmax attention over (B, N, H, D), as a module so that a parallel transform can swap it
-    (context parallelism replaces it with an all-to-all around the same kernel)."""
+    (context parallelism replaces it with an all-to-all around the same kernel). `window` > 0 attends
+    within window × window squares of the patch grid; `valid_tokens` marks trailing padding."""
 
-    def __init__(self, impl: str):
+    def __init__(self, impl: str, window: int = 0):
         super().__init__()
-        self.impl = impl
+        self.impl, self.window = impl, window
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return attention(q, k, v, self.impl)
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid_tokens: int | None = None
+    ) -> torch.Tensor:
+        if self.window:
+            return window_attention(q, k, v, self.window, self.impl, valid_tokens)
+        return attention(q, k, v, self.impl, valid_tokens)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ViTConfig):
+    def __init__(self, cfg: ViTConfig, window: int = 0):
         super().__init__()
         self.head_dim = cfg.head_dim
-        self.kernel = AttentionKernel(cfg.attn_impl)
+        self.kernel = AttentionKernel(cfg.attn_impl, window)
         self.qkv = nn.Linear(cfg.width, 3 * cfg.width, bias=cfg.qkv_bias)
         self.q_norm = layer_norm(cfg, cfg.head_dim) if cfg.qk_norm else nn.Identity()
         self.k_norm = layer_norm(cfg, cfg.head_dim) if cfg.qk_norm else nn.Identity()
         self.proj = nn.Linear(cfg.width, cfg.width, bias=cfg.proj_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, valid_tokens: int | None = None) -> torch.Tensor:
         batch, tokens = x.shape[:2]
         q, k, v = self.qkv(x).view(batch, tokens, -1, 3, self.head_dim).unbind(dim=3)
-        out = self.kernel(self.q_norm(q), self.k_norm(k), v)
+        out = self.kernel(self.q_norm(q), self.k_norm(k), v, valid_tokens)
         return self.proj(out.reshape(batch, tokens, -1))
 
 
@@ -174,23 +231,41 @@ class Block(nn.Module):
     """Pre-LN block; with `parallel_block` one shared LayerNorm feeds attention and MLP side by side
     (ViT-22B: y = x + attn(ln(x)) + mlp(ln(x)))."""
 
-    def __init__(self, cfg: ViTConfig, drop_path: float):
+    def __init__(self, cfg: ViTConfig, drop_path: float, window: int = 0):
         super().__init__()
         self.parallel = cfg.parallel_block
         self.norm1 = layer_norm(cfg)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, window)
         self.norm2 = nn.Identity() if self.parallel else layer_norm(cfg)
         self.mlp = Mlp(cfg.width, cfg.mlp_dim, bias=cfg.mlp_bias)
         scale = (lambda: LayerScale(cfg.width, cfg.layer_scale)) if cfg.layer_scale else nn.Identity
         self.ls1, self.ls2 = scale(), scale()
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, valid_tokens: int | None = None) -> torch.Tensor:
+        """`valid_tokens`: the count of real tokens when the sequence carries trailing padding."""
         if self.parallel:
             h = self.norm1(x)
-            return x + self.drop_path(self.ls1(self.attn(h)) + self.ls2(self.mlp(h)))
-        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
+            return x + self.drop_path(self.ls1(self.attn(h, valid_tokens)) + self.ls2(self.mlp(h)))
+        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x), valid_tokens)))
         return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+
+
+class PatchDropout(nn.Module):
+    """While training, keep a uniformly random subset of each image's patch tokens, in grid order
+    (FLIP). Ranks that share images must draw the same subsets: they share a seed (see Trainer)."""
+
+    def __init__(self, prob: float):
+        super().__init__()
+        self.prob = prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, P, W) → (B, kept_patches(P, prob), W) in training, else unchanged."""
+        if not self.training or not self.prob:
+            return x
+        scores = torch.rand(x.shape[0], x.shape[1], device=x.device)
+        kept = scores.topk(kept_patches(x.shape[1], self.prob), dim=1).indices.sort(dim=1).values
+        return x.gather(1, kept.unsqueeze(-1).expand(-1, -1, x.shape[2]))
 
 
 class MAPHead(nn.Module):
@@ -218,11 +293,17 @@ class MAPHead(nn.Module):
 
 
 class ViT(nn.Module):
-    """Patch embedding → [class token, registers] + learned positions → blocks → norm → pool → head."""
+    """Patch embedding → [class token, registers] + learned positions → blocks → norm → pool → head.
+
+    `token_multiple`: the blocks run on the sequence padded with trailing tokens to a multiple of it
+    (a layout that shards tokens sets it to its shard degree); padding is masked out of attention and
+    dropped before the final norm, so no output depends on it.
+    """
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.cfg = cfg
+        self.token_multiple = 1
         self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.width, cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width)) if cfg.class_token else None
         self.reg_tokens = (
@@ -230,21 +311,34 @@ class ViT(nn.Module):
         )
         # Positions cover the class token and the patches; registers carry none (as in DINOv2).
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + int(cfg.class_token), cfg.width))
+        self.patch_drop = PatchDropout(cfg.patch_dropout)
         # Stochastic depth grows linearly with depth (plain floats: this may run under a meta device).
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
-        self.blocks = nn.ModuleList(Block(cfg, rate) for rate in rates)
+        self.blocks = nn.ModuleList(Block(cfg, rate, cfg.block_window(i)) for i, rate in enumerate(rates))
         self.norm = layer_norm(cfg)
         self.map_head = MAPHead(cfg) if cfg.pool == "map" else None
         self.head = nn.Linear(cfg.width, cfg.num_classes) if cfg.num_classes else nn.Identity()
 
+    def positions(self, grid: int) -> torch.Tensor:
+        """Position embeddings for a grid × grid patch grid, resampled when it is not the config's."""
+        if grid == self.cfg.image_size // self.cfg.patch_size:
+            return self.pos_embed
+        return resample_pos_embed(self.pos_embed, grid, int(self.cfg.class_token))
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, S, S) images → (B, N, W) tokens: [class token, registers, patches]; any S that the
+        patch size divides (positions are resampled to its grid)."""
         x = self.patch_embed(images).flatten(2).transpose(1, 2)
+        pos = self.positions(images.shape[-1] // self.cfg.patch_size)
+        prefix = int(self.cfg.class_token)
+        x = x + pos[:, prefix:]
+        x = self.patch_drop(x)
+        tokens = [x]
+        if self.reg_tokens is not None:  # registers carry no positions
+            tokens.insert(0, self.reg_tokens.expand(x.shape[0], -1, -1))
         if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = x + self.pos_embed
-        if self.reg_tokens is not None:
-            x = torch.cat([x[:, :1], self.reg_tokens.expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)
-        return x
+            tokens.insert(0, (self.cls_token + pos[:, :prefix]).expand(x.shape[0], -1, -1))
+        return torch.cat(tokens, dim=1) if len(tokens) > 1 else x
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         if self.cfg.pool == "cls":
@@ -255,9 +349,15 @@ class ViT(nn.Module):
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         x = self.embed(images)
+        tokens = x.shape[1]
+        padded = padded_length(tokens, self.token_multiple)
+        valid = tokens if padded > tokens else None
+        if valid:
+            x = torch.cat([x, x.new_zeros(x.shape[0], padded - tokens, x.shape[2])], dim=1)
         for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
+            x = block(x, valid_tokens=valid)
+        x = self.norm(x)
+        return x[:, :tokens] if valid else x
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.pool(self.forward_features(images)))

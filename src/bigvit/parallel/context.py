@@ -93,10 +93,12 @@ class UlyssesAttention(nn.Module):
         self.kernel = kernel
         self.group = group
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid_tokens: int | None = None
+    ) -> torch.Tensor:
         # One all-to-all for q, k and v together: stacked along the batch dimension.
         q, k, v = tokens_to_heads(torch.cat((q, k, v)), self.group).chunk(3)
-        return heads_to_tokens(self.kernel(q, k, v), self.group)
+        return heads_to_tokens(self.kernel(q, k, v, valid_tokens), self.group)
 
 
 def on_local(x: torch.Tensor, fn) -> torch.Tensor:
@@ -132,9 +134,16 @@ def gather_tokens(group: dist.ProcessGroup):
 
 
 def check_cp(model: nn.Module, cp: int) -> None:
-    """Raise ConfigError unless `model`'s heads and tokens split evenly over `cp` ranks (and the tp
-    ranks that tensor parallelism, applied before, already split them over)."""
+    """Raise ConfigError unless `model`'s heads split evenly over `cp` ranks (and the tp ranks that
+    tensor parallelism, applied before, already split them over). Any token count works: the model
+    pads its sequence to a multiple of the shard degree."""
     cfg = model.cfg
+    if cfg.window_size:
+        raise ConfigError(
+            f"parallel.cp={cp} shards the token sequence, which model.window_size={cfg.window_size} "
+            "attention partitions by windows of the patch grid instead; use parallel.tp for windowed "
+            "models or model.window_size=0"
+        )
     qkv = model.blocks[0].attn.qkv.weight
     tp = qkv.device_mesh.size() if isinstance(qkv, DTensor) else 1  # tensor parallel ran first
     if (cfg.heads // tp) % cp:
@@ -143,17 +152,6 @@ def check_cp(model: nn.Module, cp: int) -> None:
         raise ConfigError(
             f"parallel.cp={cp} does not divide {local if tp > 1 else f'model.heads={cfg.heads}'}: "
             f"Ulysses gives each cp rank heads/cp heads; use parallel.cp in {valid}"
-        )
-    # Sequence parallel shards each cp slice again over tp; `apply_cp` cannot tell whether it is on.
-    split = cp * tp
-    if cfg.num_tokens % split:
-        pad = -cfg.num_tokens % split
-        over = f"parallel.cp={cp}" + (f" × parallel.tp={tp} (sequence parallel)" if tp > 1 else "")
-        raise ConfigError(
-            f"{over} does not divide the sequence of {cfg.num_tokens} tokens "
-            f"({cfg.num_patches} patches + {cfg.num_prefix_tokens} class/register tokens); use "
-            f"model.class_token=false with pool=gap or map, model.num_registers={cfg.num_registers + pad}, "
-            f"or an image_size/patch_size giving a multiple of {split} tokens"
         )
 
 
@@ -165,6 +163,8 @@ def apply_cp(model: nn.Module, mesh: DeviceMesh) -> None:
     """
     cp = mesh.size()
     check_cp(model, cp)
+    # Sequence parallel (applied before) already asked for a multiple of tp; each cp slice splits again.
+    model.token_multiple *= cp
     group = mesh.get_group()
     for block in model.blocks:
         block.attn.kernel = UlyssesAttention(block.attn.kernel, group)

@@ -39,10 +39,11 @@ def apply_ac(model: nn.Module, mode: str, every: int = 1) -> None:
             model.blocks[index] = checkpoint_wrapper(block, preserve_rng_state=True)
 
 
-def apply_compile(model: nn.Module) -> None:
-    """Compile each block separately: blocks are identical, so one graph is reused and compile stays short."""
+def apply_compile(model: nn.Module, **options) -> None:
+    """Compile each block separately: blocks are identical, so one graph is reused and compile stays
+    short. `options` go to torch.compile (e.g. backend)."""
     for index, block in enumerate(model.blocks):
-        model.blocks[index] = torch.compile(block)
+        model.blocks[index] = torch.compile(block, **options)
 
 
 def largest_dim_placement(shard_degree: int) -> Callable[[nn.Parameter], Shard | None]:

@@ -69,6 +69,21 @@ class Replicated(ParallelStyle):
         return distribute_module(module, mesh, None, self._prepare_input, self._prepare_output)
 
 
+class LocalModule(ParallelStyle):
+    """Run a parameter-free module on this rank's local tensor of a replicated stream: for code that
+    mixes the stream with plain tensors (patch dropout's random indices). The tp ranks draw the same
+    random numbers (they share a seed), so the output is replicated again."""
+
+    def _apply(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
+        def to_local(module, inputs, mesh):
+            return tuple(x.to_local() if isinstance(x, DTensor) else x for x in inputs)
+
+        def to_replicated(module, output, mesh):
+            return DTensor.from_local(output, mesh, (Replicate(),), run_check=False)
+
+        return distribute_module(module, mesh, None, to_local, to_replicated)
+
+
 class ReplicatedModel(Replicated):
     """The whole model: full images in, full outputs out, as a fresh tensor rather than the view
     `to_local` returns (FSDP hooks the root's output for backward and warns about views)."""
@@ -78,7 +93,8 @@ class ReplicatedModel(Replicated):
 
 
 def check_tp_layout(cfg, tp: int, sequence_parallel: bool) -> None:
-    """Raise ConfigError unless heads, MLP width and (with sequence parallel) tokens split over `tp`."""
+    """Raise ConfigError unless heads and MLP width split over `tp` (tokens always do: with sequence
+    parallel the model pads its sequence to a multiple of tp)."""
     if cfg.heads % tp:
         valid = [d for d in range(1, cfg.heads + 1) if cfg.heads % d == 0]
         raise ConfigError(
@@ -88,13 +104,6 @@ def check_tp_layout(cfg, tp: int, sequence_parallel: bool) -> None:
     if cfg.mlp_dim % tp:
         raise ConfigError(
             f"model.mlp_dim={cfg.mlp_dim} does not split over parallel.tp={tp}; use a multiple of {tp}"
-        )
-    if sequence_parallel and cfg.num_tokens % tp:
-        raise ConfigError(
-            f"parallel.sequence_parallel=true shards the {cfg.num_tokens} tokens "
-            f"({cfg.num_patches} patches + {cfg.num_prefix_tokens} class/register tokens) over "
-            f"parallel.tp={tp}, which does not divide them; change image/patch size, class_token or "
-            "num_registers, or set parallel.sequence_parallel=false"
         )
 
 
@@ -131,6 +140,8 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = Tr
     (at start-up, before any weight exists) when heads, mlp_dim or tokens do not split over tp.
     """
     check_tp_layout(model.cfg, tp_mesh.size(), sequence_parallel)
+    if sequence_parallel:
+        model.token_multiple *= tp_mesh.size()
     stream = TOKENS if sequence_parallel else Replicate()
     last = len(model.blocks) - 1
     for index, block in enumerate(model.blocks):
@@ -159,5 +170,6 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = Tr
                 "mlp.fc2": RowwiseParallel(use_local_output=False),
             },
         )
+    parallelize_module(model.patch_drop, tp_mesh, LocalModule())
     # Embeddings, final norm, pooling and head: replicated, run on replicated DTensors.
     parallelize_module(model, tp_mesh, ReplicatedModel())

@@ -25,6 +25,12 @@ logsumexp are fp32 as CUDA keeps them (CPU keeps norm statistics in bf16 under b
 Under autocast the q/k LayerNorms run in fp32 as on CUDA (they save fp32 copies of q and k); CPU
 autocast runs them in bf16, so that one combination is CUDA-only.
 
+Tokens: a training forward sees the tokens patch dropout keeps (`cfg.train_tokens`); with tokens
+sharded over c·t ranks the blocks run on the sequence padded to a multiple of c·t (N above is then
+the padded count), the final norm and heads on the real tokens. A windowed block (model.window_size)
+saves q, k, v and the attention output in window layout (the grid padded to whole windows) and the
+projection's input apart from them.
+
 Activation checkpointing (bigvit wraps whole blocks): a checkpointed block saves only its input; the
 first block's input is the embedding output, saved whole. Its activations exist again, transiently,
 while its backward runs (see `backward_working_bytes`). Stochastic-depth masks (b bytes) are ignored.
@@ -35,8 +41,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bigvit.errors import ConfigError
-from bigvit.models.vit import ViTConfig
+from bigvit.models.vit import ViTConfig, padded_length
 from bigvit.parallel.parallelize import AC_MODES
+from bigvit.scaling.flops import attended_pairs
 
 PRECISIONS = ("fp32", "bf16", "autocast")
 FP32, BF16 = 4, 2
@@ -87,21 +94,29 @@ def _check_split(cfg: ViTConfig, layout: ActivationLayout) -> None:
             f"model.heads={cfg.heads} and model.mlp_dim={cfg.mlp_dim} do not split over "
             f"tp={layout.tp} × cp={layout.cp}"
         )
-    split = layout.cp * (layout.tp if layout.sequence_sharded else 1)
-    if cfg.num_tokens % split:
-        raise ConfigError(
-            f"{cfg.num_tokens} tokens do not split over {split} ranks (cp × sequence-parallel tp)"
-        )
+    if cfg.window_size and layout.cp > 1:
+        raise ConfigError(f"model.window_size={cfg.window_size} does not run under cp={layout.cp}")
+
+
+def sequence_shards(layout: ActivationLayout) -> int:
+    """Ranks the token sequence is split over (cp × sequence-parallel tp)."""
+    return layout.cp * (layout.tp if layout.sequence_sharded else 1)
 
 
 def _tokens(cfg: ViTConfig, layout: ActivationLayout) -> tuple[int, int]:
-    """(tokens a block's matmuls see on this rank, tokens of its residual stream)."""
-    tokens = cfg.num_tokens // layout.cp
+    """(tokens a block's matmuls see on this rank, tokens of its residual stream), padding included."""
+    tokens = padded_length(cfg.train_tokens, sequence_shards(layout)) // layout.cp
     return tokens, tokens // layout.tp if layout.sequence_sharded else tokens
 
 
-def block_activation_bytes(cfg: ViTConfig, layout: ActivationLayout) -> dict[str, int]:
-    """Bytes one non-checkpointed transformer block saves for backward, by tensor (one micro-batch)."""
+def _window_rows(cfg: ViTConfig, micro_batch: int) -> int:
+    """Rows of one windowed block's q, k, v in window layout (the grid padded to whole windows)."""
+    return micro_batch * attended_pairs(cfg.train_tokens, cfg.window_size) // cfg.window_size**2
+
+
+def block_activation_bytes(cfg: ViTConfig, layout: ActivationLayout, window: int = 0) -> dict[str, int]:
+    """Bytes one non-checkpointed transformer block saves for backward, by tensor (one micro-batch);
+    `window`: its attention window (0: global attention)."""
     _check_split(cfg, layout)
     b, t, cp = layout.micro_batch, layout.tp, layout.cp
     tokens, stream_tokens = _tokens(cfg, layout)
@@ -119,10 +134,23 @@ def block_activation_bytes(cfg: ViTConfig, layout: ActivationLayout) -> dict[str
         "layer_scale": 2 * stream_rows * w * mm if cfg.layer_scale else 0,
     }
     qkv = rows * 3 * local_w * mm
+    # The kernel's output covers the real tokens only; with padding, a padded copy feeds the projection.
+    attended = b * cfg.train_tokens * local_w // cp * mm
+    padded_output = rows * local_w * mm if attended < rows * local_w * mm else 0
+    qk_inputs = qk_stats = 0
     if cfg.qk_norm:
         # The q/k LayerNorms save q and k (views of qkv; fp32 copies under autocast) and their stats.
         qk_inputs = qkv + (rows * 2 * local_w * FP32 if layout.precision == "autocast" else 0)
         qk_stats = rows * 2 * 2 * local_heads * STAT_BYTES
+    if window:
+        if attention_kernel(cfg) == "math":
+            raise ConfigError("windowed attention with the math kernel is not modelled; use attn_impl=auto")
+        # q, k, v and the kernel's output in window layout; the output re-laid out for the projection.
+        window_rows = _window_rows(cfg, b)
+        parts["qkv"] = qk_inputs + qk_stats if cfg.qk_norm else 0
+        windowed = 4 * window_rows * local_w * mm + window_rows * local_heads * STAT_BYTES
+        parts["attention"] = windowed + rows * local_w * mm
+        return parts
     if attention_kernel(cfg) == "math":
         if layout.precision == "autocast":
             raise ConfigError(
@@ -131,21 +159,32 @@ def block_activation_bytes(cfg: ViTConfig, layout: ActivationLayout) -> dict[str
             )
         # Reference attention in fp32: q, k, v copied to fp32 for the matmuls, the N×N probabilities,
         # and the output re-laid out for the projection. qkv itself is kept only by the q/k norms.
-        probabilities = b * (local_heads // cp) * cfg.num_tokens**2 * FP32
-        parts["attention"] = rows * 3 * local_w * FP32 + probabilities + rows * local_w * mm
+        probabilities = b * (local_heads // cp) * cfg.train_tokens**2 * FP32
+        parts["attention"] = rows * 3 * local_w * FP32 + probabilities + attended + padded_output
         parts["qkv"] = qk_inputs + qk_stats if cfg.qk_norm else 0
         return parts
-    logsumexp = rows * local_heads * STAT_BYTES
+    logsumexp = b * cfg.train_tokens * local_heads // cp * STAT_BYTES
     if cp > 1:
         # Ulysses: the kernel saves the all-to-all copy of q, k, v; the output is exchanged back
         # into a fresh tensor for the projection. qkv itself is kept only by the q/k norms.
         parts["qkv"] = qk_inputs + qk_stats if cfg.qk_norm else 0
-        parts["attention"] = qkv + 2 * rows * local_w * mm + logsumexp
+        parts["attention"] = qkv + attended + rows * local_w * mm + logsumexp
     else:
         normalized = rows * 2 * local_w * mm
         parts["qkv"] = qk_inputs + qk_stats + normalized if cfg.qk_norm else qkv
-        parts["attention"] = rows * local_w * mm + logsumexp  # output, also the projection's input
+        parts["attention"] = attended + padded_output + logsumexp  # output (the projection's input)
     return parts
+
+
+def blocks_activation_bytes(cfg: ViTConfig, layout: ActivationLayout) -> list[int]:
+    """Saved bytes of each block as it runs (a checkpointed block keeps only its input)."""
+    _, stream_tokens = _tokens(cfg, layout)
+    block_input = layout.micro_batch * stream_tokens * cfg.width * layout.stream_bytes
+    checkpointed = checkpointed_indices(cfg, layout)
+    return [
+        block_input if index in checkpointed else sum(block_activation_bytes(cfg, layout, window).values())
+        for index, window in enumerate(map(cfg.block_window, range(cfg.depth)))
+    ]
 
 
 def attention_kernel(cfg: ViTConfig) -> str:
@@ -153,12 +192,16 @@ def attention_kernel(cfg: ViTConfig) -> str:
     return "math" if cfg.attn_impl == "math" else "fused"
 
 
-def checkpointed_blocks(cfg: ViTConfig, layout: ActivationLayout) -> int:
-    """How many blocks apply_ac wraps: all (full), every ac_every-th from the first (selective), none."""
+def checkpointed_indices(cfg: ViTConfig, layout: ActivationLayout) -> range:
+    """The blocks apply_ac wraps: all (full), every ac_every-th from the first (selective), none."""
     if layout.checkpointing == "none":
-        return 0
-    stride = 1 if layout.checkpointing == "full" else layout.ac_every
-    return len(range(0, cfg.depth, stride))
+        return range(0)
+    return range(0, cfg.depth, 1 if layout.checkpointing == "full" else layout.ac_every)
+
+
+def checkpointed_blocks(cfg: ViTConfig, layout: ActivationLayout) -> int:
+    """How many blocks apply_ac wraps."""
+    return len(checkpointed_indices(cfg, layout))
 
 
 def embed_activation_bytes(cfg: ViTConfig, layout: ActivationLayout) -> int:
@@ -171,20 +214,29 @@ def embed_activation_bytes(cfg: ViTConfig, layout: ActivationLayout) -> int:
     first_keeps_whole = checkpointed_blocks(cfg, layout) > 0 or (
         layout.cp > 1 and not layout.sequence_sharded
     )
-    extra_tokens = cfg.num_tokens - stream_tokens if first_keeps_whole else 0
-    return images + b * extra_tokens * cfg.width * layout.stream_bytes
+    extra_tokens = sequence_tokens(cfg, layout) - stream_tokens if first_keeps_whole else 0
+    # Patch dropout's gather keeps its input (every patch token) and its int64 indices (one per kept
+    # patch, expanded over the width as a view).
+    kept = b * (cfg.num_patches * cfg.width * layout.stream_bytes + cfg.kept_patches * LABEL_BYTES)
+    kept = kept if cfg.patch_dropout else 0
+    return images + kept + b * extra_tokens * cfg.width * layout.stream_bytes
+
+
+def sequence_tokens(cfg: ViTConfig, layout: ActivationLayout) -> int:
+    """Tokens of the whole (padded) sequence the blocks and the final norm run on."""
+    return padded_length(cfg.train_tokens, sequence_shards(layout))
 
 
 def _map_head_bytes(cfg: ViTConfig, layout: ActivationLayout) -> int:
     """The MAP head: keys/values over all tokens, then per-image probe attention and MLP (tp-split)."""
     b, t, mm = layout.micro_batch, layout.tp, layout.matmul_bytes
-    w, local_w, local_heads = cfg.width, cfg.width // t, cfg.heads // t
-    tokens_in = b * cfg.num_tokens * w * mm  # the final norm's output (a bf16 copy under autocast)
+    w, local_w, local_heads, n = cfg.width, cfg.width // t, cfg.heads // t, cfg.train_tokens
+    tokens_in = b * sequence_tokens(cfg, layout) * w * mm  # the final norm's output (bf16 under autocast)
     if attention_kernel(cfg) == "math":
-        attention = b * (cfg.num_tokens * 2 + 1) * local_w * FP32 + b * local_heads * cfg.num_tokens * FP32
+        attention = b * (n * 2 + 1) * local_w * FP32 + b * local_heads * n * FP32
         attention += b * local_w * mm
     else:
-        attention = b * cfg.num_tokens * 2 * local_w * mm + b * local_heads * STAT_BYTES + b * local_w * mm
+        attention = b * n * 2 * local_w * mm + b * local_heads * STAT_BYTES + b * local_w * mm
     probe = b * w * BF16 if layout.precision == "autocast" else 0  # the parameter's bf16 copy, expanded
     # q output; projection output (its norm's input: fp32 under autocast); norm stats; MLP input,
     # hidden before and after GELU; the residual sum the classifier reads.
@@ -196,7 +248,7 @@ def _map_head_bytes(cfg: ViTConfig, layout: ActivationLayout) -> int:
 def head_activation_bytes(cfg: ViTConfig, layout: ActivationLayout) -> int:
     """Final norm (on the whole sequence again), pooling, classifier and the cross-entropy loss."""
     b, s, mm = layout.micro_batch, layout.stream_bytes, layout.matmul_bytes
-    rows, w = b * cfg.num_tokens, cfg.width
+    rows, w = b * sequence_tokens(cfg, layout), cfg.width
     total = rows * (w * s + 2 * STAT_BYTES)
     if cfg.pool == "map":
         total += _map_head_bytes(cfg, layout)
@@ -224,16 +276,13 @@ def autocast_weight_copy_bytes(cfg: ViTConfig, tp: int = 1, blocks: int | None =
 
 def activation_breakdown(cfg: ViTConfig, layout: ActivationLayout) -> dict[str, int]:
     """Saved-for-backward bytes of one micro-batch on one rank: embed, blocks, head, weight_copies."""
-    block = sum(block_activation_bytes(cfg, layout).values())
-    _, stream_tokens = _tokens(cfg, layout)
     checkpointed = checkpointed_blocks(cfg, layout)
-    block_input = layout.micro_batch * stream_tokens * cfg.width * layout.stream_bytes
     weight_copies = 0
     if layout.precision == "autocast":
         weight_copies = autocast_weight_copy_bytes(cfg, layout.tp, cfg.depth - checkpointed)
     return {
         "embed": embed_activation_bytes(cfg, layout),
-        "blocks": checkpointed * block_input + (cfg.depth - checkpointed) * block,
+        "blocks": sum(blocks_activation_bytes(cfg, layout)),
         "head": head_activation_bytes(cfg, layout),
         "weight_copies": weight_copies,
     }
@@ -247,5 +296,6 @@ def saved_activation_bytes(cfg: ViTConfig, layout: ActivationLayout) -> int:
 def backward_working_bytes(cfg: ViTConfig, layout: ActivationLayout) -> int:
     """Transient bytes on top of the saved ones while backward runs: the gradients in flight through one
     block, taken as one block's activations; with checkpointing, also that block's recomputed ones."""
-    block = sum(block_activation_bytes(cfg, layout).values())
+    windows = {cfg.block_window(index) for index in range(cfg.depth)}
+    block = max(sum(block_activation_bytes(cfg, layout, window).values()) for window in windows)
     return block * (2 if checkpointed_blocks(cfg, layout) else 1)

@@ -9,7 +9,13 @@ FLOP convention:
   one-query attention, projection, MLP) and the classifier. Bias adds, LayerNorms, GELU, softmax,
   residuals, layer scale and position embeddings are elementwise and left out: about 1% of the
   FLOPs of ViT-Ti and less for larger models, and memory-bound, so MFU conventionally omits them.
-- Attention FLOPs are those of dense (non-causal) attention, whatever kernel runs it.
+- Attention FLOPs are those of dense (non-causal) attention, whatever kernel runs it; a windowed block
+  (model.window_size) attends within windows of the patch grid padded to whole windows, as it runs.
+- A training forward sees the tokens patch dropout keeps (`cfg.train_tokens`); the patch conv still
+  runs on every patch. Evaluation sees all tokens.
+- Model FLOPs (MFU) leave out the padding a sequence-sharded layout adds (`sequence_multiple`): the
+  executed FLOPs, which the planner times, run the padding through the blocks' linear layers only
+  (attention skips it).
 - Training costs 3x the forward (the backward computes gradients for both activations and weights,
   2x the forward); full activation checkpointing adds one more forward of the transformer blocks.
   Autograd actually skips the patch conv's input gradient (images need none), a fraction of a percent
@@ -20,8 +26,9 @@ FLOP convention:
 from __future__ import annotations
 
 import dataclasses
+import math
 
-from bigvit.models.vit import ViTConfig
+from bigvit.models.vit import ViTConfig, padded_length
 
 
 def _norm_params(cfg: ViTConfig, dim: int) -> int:
@@ -85,11 +92,30 @@ def _at_resolution(cfg: ViTConfig, image_size: int | None) -> ViTConfig:
     return cfg if image_size is None else dataclasses.replace(cfg, image_size=image_size)
 
 
-def block_forward_flops(cfg: ViTConfig, tokens: int) -> int:
-    """Forward FLOPs of one transformer block on one image of `tokens` tokens."""
-    w = cfg.width
-    qkv, proj, mlp = 2 * tokens * w * 3 * w, 2 * tokens * w * w, 2 * 2 * tokens * w * cfg.mlp_dim
-    scores_and_values = 2 * 2 * tokens * tokens * w
+def block_windows(cfg: ViTConfig) -> dict[int, int]:
+    """{attention window: number of blocks with it} (window 0: global attention), in closed form."""
+    if not cfg.window_size:
+        return {0: cfg.depth}
+    global_blocks = cfg.depth // cfg.global_every if cfg.global_every else 0
+    return {cfg.window_size: cfg.depth - global_blocks, 0: global_blocks}
+
+
+def attended_pairs(tokens: int, window: int = 0) -> int:
+    """Query-key pairs attention scores for one image: all of them, or those within each window of the
+    (square) patch grid padded to whole windows."""
+    if not window:
+        return tokens * tokens
+    cells = -(-math.isqrt(tokens) // window)
+    return cells * cells * window**4
+
+
+def block_forward_flops(cfg: ViTConfig, tokens: int, window: int = 0, rows: int | None = None) -> int:
+    """Forward FLOPs of one transformer block on one image of `tokens` tokens, attending within windows
+    of `window` patches (0: globally); the linear layers run on `rows` tokens (default `tokens`; more
+    when the sequence is padded)."""
+    w, rows = cfg.width, rows or tokens
+    qkv, proj, mlp = 2 * rows * w * 3 * w, 2 * rows * w * w, 2 * 2 * rows * w * cfg.mlp_dim
+    scores_and_values = 2 * 2 * attended_pairs(tokens, window) * w
     return qkv + scores_and_values + proj + mlp
 
 
@@ -101,17 +127,25 @@ def _map_head_forward_flops(cfg: ViTConfig, tokens: int) -> int:
     return query_and_proj + keys_values + scores_and_values + mlp
 
 
-def forward_flops_breakdown(cfg: ViTConfig, image_size: int | None = None) -> dict[str, int]:
+def forward_flops_breakdown(
+    cfg: ViTConfig, image_size: int | None = None, training: bool = False, sequence_multiple: int = 1
+) -> dict[str, int]:
     """Forward FLOPs of one image by part (patch_embed, blocks, map_head, head); they sum to forward_flops.
 
     `image_size` overrides cfg.image_size: the token count changes, positional embeddings are not
-    resampled (interpolation is elementwise and not counted).
+    resampled (interpolation is elementwise and not counted). `training`: the tokens a training forward
+    keeps under patch dropout. `sequence_multiple`: as executed with the blocks' sequence padded to a
+    multiple of it (see the module docstring).
     """
     cfg = _at_resolution(cfg, image_size)
-    w, tokens = cfg.width, cfg.num_tokens
+    w = cfg.width
+    tokens = cfg.train_tokens if training else cfg.num_tokens
+    rows = padded_length(tokens, sequence_multiple)
     return {
         "patch_embed": 2 * cfg.num_patches * cfg.in_chans * cfg.patch_size**2 * w,
-        "blocks": cfg.depth * block_forward_flops(cfg, tokens),
+        "blocks": sum(
+            count * block_forward_flops(cfg, tokens, window, rows) for window, count in block_windows(cfg).items()
+        ),
         "map_head": _map_head_forward_flops(cfg, tokens) if cfg.pool == "map" else 0,
         "head": 2 * w * cfg.num_classes,
     }
@@ -123,10 +157,15 @@ def forward_flops(cfg: ViTConfig, image_size: int | None = None, batch: int = 1)
 
 
 def train_flops(
-    cfg: ViTConfig, image_size: int | None = None, batch: int = 1, recompute: bool = False
+    cfg: ViTConfig,
+    image_size: int | None = None,
+    batch: int = 1,
+    recompute: bool = False,
+    sequence_multiple: int = 1,
 ) -> int:
-    """FLOPs of one training step over `batch` images: forward + backward (2x forward), plus one more
-    forward of the blocks when `recompute` (full activation checkpointing)."""
-    parts = forward_flops_breakdown(cfg, image_size)
+    """FLOPs of one training step over `batch` images: forward (of the tokens patch dropout keeps) +
+    backward (2x forward), plus one more forward of the blocks when `recompute` (full activation
+    checkpointing); `sequence_multiple` > 1 counts the padding executed (not model FLOPs)."""
+    parts = forward_flops_breakdown(cfg, image_size, training=True, sequence_multiple=sequence_multiple)
     extra = parts["blocks"] if recompute else 0
     return batch * (3 * sum(parts.values()) + extra)

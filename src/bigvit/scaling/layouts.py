@@ -28,6 +28,11 @@ class Layout:
     zero_stage: int = 0  # DeepSpeed only
     sequence_parallel: bool = True  # with tp > 1
 
+    @property
+    def sequence_shards(self) -> int:
+        """Ranks one image's token sequence is split over (cp × sequence-parallel tp)."""
+        return self.dims.cp * (self.dims.tp if self.sequence_parallel else 1)
+
     def describe(self) -> dict:
         return {
             "name": self.name,
@@ -52,8 +57,8 @@ def _base_layouts(
     for tp in tp_degrees:
         if tp > node or gpus % tp:
             continue
-        # Sequence parallel needs the tokens to split over tp; without it TP still works (replicated stream).
-        sp = sequence_parallel and cfg.num_tokens % tp == 0
+        # Any token count: with sequence parallel the model pads its sequence to a multiple of tp.
+        sp = sequence_parallel
         problem = _problem(lambda tp=tp, sp=sp: check_tp_layout(cfg, tp, sp))
         layouts.append(
             (
@@ -65,10 +70,10 @@ def _base_layouts(
         if cp > node or gpus % cp:
             continue
         problem = None
-        if cfg.heads % cp or cfg.num_tokens % cp:
-            problem = (
-                f"Ulysses cp={cp} needs heads ({cfg.heads}) and tokens ({cfg.num_tokens}) divisible by {cp}"
-            )
+        if cfg.heads % cp:
+            problem = f"Ulysses cp={cp} needs the heads ({cfg.heads}) divisible by {cp}"
+        elif cfg.window_size:
+            problem = f"Ulysses cp={cp} does not compose with windowed attention (model.window_size)"
         layouts.append((Layout(f"fsdp_cp{cp}", "fsdp", ParallelDims(1, gpus // cp, cp, 1)), problem))
     layouts.append((Layout("ddp", "ddp", ParallelDims(gpus, 1, 1, 1)), None))
     for stage in (1, 2, 3):

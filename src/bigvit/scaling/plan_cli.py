@@ -53,6 +53,20 @@ def layout_label(candidate: dict) -> str:
     return f"{candidate['name']} ({dims or 'one rank'}{no_sp})"
 
 
+def print_padding(report: dict) -> None:
+    """One line naming the layouts whose sharded sequence carries padding tokens (timed and sized)."""
+    padded: dict[int, list[str]] = {}
+    for c in report["candidates"]:
+        if not c["problem"] and c["tokens"] > report["train_tokens"] and not c["name"].endswith("+ac"):
+            padded.setdefault(c["tokens"], []).append(c["name"])
+    if padded:
+        parts = "; ".join(f"{tokens} under {', '.join(names)}" for tokens, names in sorted(padded.items()))
+        print(
+            f"tokens: {report['train_tokens']} per image, padded to a multiple of the sequence shards "
+            f"(masked out of attention, counted in time and memory): {parts}"
+        )
+
+
 def print_plan(report: dict) -> None:
     cluster, hw = report["cluster"], report["hardware"]
     table = Table(
@@ -109,6 +123,7 @@ def print_plan(report: dict) -> None:
     for c in report["candidates"]:
         if c["problem"]:
             print(f"n/a {c['name']}: {c['problem']}")
+    print_padding(report)
     best = next((c for c in report["candidates"] if c["name"] == report["recommended"]), None)
     if best is None:
         print(

@@ -9,7 +9,7 @@ highest estimated throughput, the one with less memory among those within `tie_t
 from __future__ import annotations
 
 from bigvit.errors import ConfigError
-from bigvit.models.vit import ViTConfig
+from bigvit.models.vit import ViTConfig, padded_length
 from bigvit.scaling.assumptions import Assumptions
 from bigvit.scaling.flops import forward_flops, param_count
 from bigvit.scaling.hardware import Cluster
@@ -63,6 +63,8 @@ def evaluate(
         "memory": memory,
         "hbm_bytes": hbm,
         "fits": memory["total_bytes"] <= hbm,
+        # The training sequence (after patch dropout), padded to a multiple of the sequence shards.
+        "tokens": padded_length(cfg.train_tokens, layout.sequence_shards),
         "time": timing,
         "problem": None,
     }
@@ -109,6 +111,7 @@ def plan(
         "model": cfg.name,
         "params": param_count(cfg),
         "forward_gflops_per_image": forward_flops(cfg) / 1e9,
+        "train_tokens": cfg.train_tokens,
         "global_batch": global_batch,
         "precision": precision,
         "optimizer": optimizer,

@@ -52,6 +52,8 @@ def record_from_run(run_dir: str | Path) -> dict:
     model = model_config({k: v for k, v in cfg["model"].items() if k != "defaults"})
     batch = int(summary.get("global_batch") or cfg["data"]["batch_size"])
     steps = int(summary["final_step"])
+    # A resolution schedule with batch scaling reads more than steps × batch images.
+    examples = int(summary.get("examples_seen") or steps * batch)
     flops = float(summary.get("flops_per_image") or train_flops(model))
     branch_from = cfg["trainer"].get("branch_from")  # a cooldown branch started at that checkpoint's step
     branch_step = checkpoint_step(Path(branch_from)) if branch_from else 0
@@ -66,10 +68,10 @@ def record_from_run(run_dir: str | Path) -> dict:
         "params": int(summary["params"]),
         "flops_per_image": flops,
         "batch_size": batch,
-        "examples_seen": steps * batch,
-        "compute": flops * steps * batch,
+        "examples_seen": examples,
+        "compute": flops * examples,
         # What this run itself trained: a cooldown branch reuses its parent's first branch_step steps.
-        "compute_spent": flops * (steps - branch_step) * batch,
+        "compute_spent": flops * (examples - branch_step * batch),
         "steps": steps,
         "branch_step": branch_step,
         "schedule": cfg.get("schedule", {}).get("name"),

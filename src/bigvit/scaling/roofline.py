@@ -14,7 +14,7 @@ by all-to-all. Passes: forward, backward, and the recomputed forward of checkpoi
 
 from __future__ import annotations
 
-from bigvit.models.vit import ViTConfig
+from bigvit.models.vit import ViTConfig, padded_length
 from bigvit.parallel.parallelize import DTYPES
 from bigvit.scaling.activations import checkpointed_blocks
 from bigvit.scaling.assumptions import DDP_BUCKET_BYTES, DEEPSPEED_OVERLAP_COMM_STAGES, Assumptions
@@ -38,7 +38,8 @@ def recompute_share(cfg: ViTConfig, layout: Layout) -> float:
 def compute_flops(cfg: ViTConfig, layout: Layout, images_per_group: int) -> dict[str, float]:
     """FLOPs one GPU executes per step (forward, backward incl. recomputation): blocks and MAP head split
     over its tp × cp group, patch embedding and classifier replicated on each member."""
-    parts = forward_flops_breakdown(cfg)
+    # As executed: the tokens patch dropout keeps, padded to a multiple of the sequence shards.
+    parts = forward_flops_breakdown(cfg, training=True, sequence_multiple=layout.sequence_shards)
     split = layout.dims.tp * layout.dims.cp
     forward = images_per_group * (
         (parts["blocks"] + parts["map_head"]) / split + parts["patch_embed"] + parts["head"]
@@ -67,7 +68,7 @@ def model_parallel_seconds(
     tp, cp = layout.dims.tp, layout.dims.cp
     act = 2 if precision != "fp32" else 4
     passes = 2 + recompute_share(cfg, layout)
-    stream = micro_batch * cfg.num_tokens // cp * cfg.width * act
+    stream = micro_batch * padded_length(cfg.train_tokens, layout.sequence_shards) // cp * cfg.width * act
     # Without sequence parallel: two all-reduces per pass, each the cost of two all-gathers.
     exchanges = 3 if layout.sequence_parallel and cfg.parallel_block else 4
     tp_s = (

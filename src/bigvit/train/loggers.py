@@ -40,6 +40,7 @@ def console_line(step: int, max_steps: int, metrics: dict, eta_seconds: float) -
         ("grad_norm", "gnorm {:.3f}"),
         ("images_per_sec", "{} img/s"),
         ("mfu", "mfu {:.1%}"),
+        ("resolution", "{:.0f} px"),
     )
     parts += [fmt.format(metrics[key]) for key, fmt in fields if key in metrics]
     skipped = sum(v for k, v in metrics.items() if k.startswith("data/skipped_"))

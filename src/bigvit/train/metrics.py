@@ -75,30 +75,31 @@ class Throughput:
     """Images/s, MFU and HFU over the steps since the last report.
 
     MFU counts the model's FLOPs (forward + backward, PaLM's definition); HFU also counts what the
-    hardware recomputes under activation checkpointing.
+    hardware executes: recomputation under activation checkpointing, padding of sharded sequences.
+    Steps may differ in images and FLOPs (progressive resizing), so each step reports its own.
     """
 
-    def __init__(
-        self, images_per_step: int, model_flops: float, peak_flops_total: float, hardware_flops: float | None = None
-    ):
-        self.images_per_step, self.peak = images_per_step, peak_flops_total
-        self.model_flops, self.hardware_flops = model_flops, hardware_flops or model_flops
+    def __init__(self, peak_flops_total: float):
+        self.peak = peak_flops_total
         self.reset()
 
     def reset(self) -> None:
-        self.start, self.steps = time.perf_counter(), 0
+        self.start, self.steps, self.images, self.model_flops, self.hardware_flops = time.perf_counter(), 0, 0, 0.0, 0.0
 
-    def step(self) -> None:
+    def step(self, images: int, model_flops: float, hardware_flops: float) -> None:
+        """One step over `images` images costing `model_flops` (and `hardware_flops` executed) in all."""
         self.steps += 1
+        self.images += images
+        self.model_flops += model_flops
+        self.hardware_flops += hardware_flops
 
     def report(self) -> dict:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        images_per_sec = self.steps * self.images_per_step / elapsed
-        step_time = elapsed / max(self.steps, 1)
-        self.reset()
-        return {
-            "images_per_sec": images_per_sec,
-            "step_time": step_time,
-            "mfu": images_per_sec * self.model_flops / self.peak,
-            "hfu": images_per_sec * self.hardware_flops / self.peak,
+        report = {
+            "images_per_sec": self.images / elapsed,
+            "step_time": elapsed / max(self.steps, 1),
+            "mfu": self.model_flops / elapsed / self.peak,
+            "hfu": self.hardware_flops / elapsed / self.peak,
         }
+        self.reset()
+        return report

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from bigvit.config import local_batch_size, validate
 from bigvit.data import build_data, prepare
+from bigvit.data.resolution import ResolutionSchedule, Stage, scheduled_batch
 from bigvit.models.registry import build_model, count_params
 from bigvit.optim import apply_lr, lr_factor, param_groups, schedule_args
 from bigvit.optim.lean import LeanAdam
@@ -26,6 +27,7 @@ from bigvit.train.engine import build_engine
 from bigvit.train.loggers import build_loggers, console_line
 from bigvit.train.metrics import Throughput, live_tensor_bytes, peak_flops, peak_memory_bytes
 from bigvit.train.preemption import Preempted, StopSignal, clear_preempted, mark_preempted
+from bigvit.train.scores import add_scores, empty_scores, score_figures
 from bigvit.train.watchdog import StepWatchdog
 
 log = logging.getLogger("bigvit")
@@ -46,8 +48,11 @@ class Trainer:
         validate(cfg)
         self.cfg, self.env, self.run_dir = cfg, env, run_dir
         tcfg = cfg.trainer
-        torch.manual_seed(tcfg.seed + env.rank)  # dropout/drop-path differ per rank; weights do not
         self.dims = resolve_dims(cfg.parallel, env.world_size)
+        dp_rank = env.rank // (self.dims.cp * self.dims.tp)  # ranks sharing a cp×tp group read the same data
+        # Drop-path and patch-dropout draws differ between data-parallel ranks but not within a tp×cp
+        # group, whose ranks compute one forward of the same images; weights do not depend on it.
+        torch.manual_seed(tcfg.seed + dp_rank)
         self.local_batch = local_batch_size(cfg.data.batch_size, self.dims.dp, tcfg.grad_accum)
 
         model = build_model(OmegaConf.to_container(cfg.model, resolve=True), device="meta")
@@ -60,7 +65,6 @@ class Trainer:
         if env.is_main:
             prepare(cfg.data)
         barrier()
-        dp_rank = env.rank // (self.dims.cp * self.dims.tp)  # ranks sharing a cp×tp group read the same data
         self.data = build_data(
             cfg.data, rank=dp_rank, world_size=self.dims.dp, local_batch=self.local_batch, seed=tcfg.seed
         )
@@ -76,11 +80,11 @@ class Trainer:
         if env.is_main:
             clear_preempted(run_dir)
 
-        self.flops_per_image = flops_per_image = train_flops(self.model_cfg)
-        recompute = cfg.parallel.activation_checkpointing == "full"
-        hardware_flops = train_flops(self.model_cfg, recompute=recompute)
+        self.resolution = ResolutionSchedule.from_config(cfg.data, tcfg.max_steps, self.model_cfg.patch_size)
+        self._flops: dict[int, tuple[int, int]] = {}
+        flops_per_image = self.step_flops(cfg.data.image_size)[0]
         peak = peak_flops(env.device, DTYPES[tcfg.precision], cfg.hardware.peak_tflops) * env.world_size
-        self.throughput = Throughput(cfg.data.batch_size, flops_per_image, peak, hardware_flops)
+        self.throughput = Throughput(peak)
         log.info(
             "model %s: %s parameters, %.2f GFLOP/image (train) | layout %s %s | global batch %d = %d/rank "
             "× %d dp × %d accum | peak %.1f TFLOP/s",
@@ -95,6 +99,28 @@ class Trainer:
             tcfg.grad_accum,
             peak / 1e12,
         )
+        if len(self.resolution.stages) > 1:
+            log.info("resolution schedule: %s", self.resolution.describe(tcfg.max_steps))
+
+    def step_flops(self, image_size: int) -> tuple[int, int]:
+        """(model, executed) training FLOPs per image at `image_size`. Executed FLOPs also count what
+        activation checkpointing recomputes and the padding of a token-sharded layout."""
+        if image_size in self._flops:
+            return self._flops[image_size]
+        recompute = self.cfg.parallel.activation_checkpointing == "full"
+        sequence_parallel = self.dims.tp > 1 and self.cfg.parallel.get("sequence_parallel", True)
+        shards = self.dims.cp * (self.dims.tp if sequence_parallel else 1)
+        executed = train_flops(self.model_cfg, image_size, recompute=recompute, sequence_multiple=shards)
+        self._flops[image_size] = train_flops(self.model_cfg, image_size), executed
+        return self._flops[image_size]
+
+    def seen(self) -> tuple[int, float]:
+        """(training images read so far, their mean model FLOPs per image): compute = the product."""
+        by_size = self.resolution.images_by_size(self.step, self.cfg.data.batch_size)
+        images = sum(by_size.values())
+        if not images:
+            return 0, self.step_flops(self.cfg.data.image_size)[0]
+        return images, sum(self.step_flops(size)[0] * n for size, n in by_size.items()) / images
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -108,13 +134,15 @@ class Trainer:
         with StepWatchdog(tcfg.watchdog_s, tcfg.watchdog_action, self.env.rank) as watchdog:
             while self.step < stop_step:
                 lr = self.set_lr()
-                loss, grad_norm = self.train_step(batches)
+                stage = self.resolution.stage_at(self.step)
+                loss, grad_norm = self.train_step(batches, stage)
                 self.step += 1
-                self.throughput.step()
+                images = self.cfg.data.batch_size * stage.batch_multiple
+                self.throughput.step(images, *(images * f for f in self.step_flops(stage.image_size)))
                 last = self.step == stop_step
                 log_step = self.step % self.cfg.logger.console_every == 0 or last
                 if log_step:
-                    metrics = self.log_train_metrics(loss, lr, grad_norm)
+                    metrics = self.log_train_metrics(loss, lr, grad_norm, stage.image_size)
                 if (tcfg.eval_every and self.step % tcfg.eval_every == 0) or last:
                     eval_metrics = self.evaluate()
                     self.throughput.reset()  # evaluation time is not training throughput
@@ -132,11 +160,12 @@ class Trainer:
         self.logger.finish()
         return summary
 
-    def log_train_metrics(self, loss: torch.Tensor, lr: float, grad_norm: torch.Tensor) -> dict:
+    def log_train_metrics(self, loss: torch.Tensor, lr: float, grad_norm: torch.Tensor, resolution: int) -> dict:
         metrics = {
             "loss": all_reduce(loss).item(),
             "lr": lr,
             "grad_norm": grad_norm.item(),
+            "resolution": resolution,
             "peak_memory_gib": peak_memory_bytes(self.env.device) / 2**30,
             **self.throughput.report(),
             **{f"data/{k}": v for k, v in self.skip_counts(self.data.train).items()},
@@ -159,13 +188,14 @@ class Trainer:
         factor = lr_factor(self.step, **schedule_args(self.cfg.schedule, self.cfg.trainer.max_steps))
         return apply_lr(self.engine, self.cfg.optim.lr, factor)
 
-    def train_step(self, batches) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over `grad_accum` micro-batches; returns (mean loss on this rank, grad norm)."""
+    def train_step(self, batches, stage: Stage) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over `grad_accum` micro-batches at the stage's resolution; returns (mean
+        loss on this rank, grad norm)."""
         accum = self.cfg.trainer.grad_accum
         total_loss = torch.zeros((), device=self.env.device)
         self.engine.zero_grad()
         for micro in range(accum):
-            images, labels = self.data.device_batch(next(batches), self.env.device)
+            images, labels = scheduled_batch(self.data.device_batch, batches, self.env.device, stage)
             logits = self.engine.forward(images, sync_grads=micro == accum - 1)
             # Labels are class numbers, or class probabilities under mixup/cutmix (smoothing the mixture
             # equals mixing smoothed one-hots, as timm does: both are linear).
@@ -185,7 +215,7 @@ class Trainer:
             return {}
         self.engine.train(False)
         device = self.env.device
-        sums = torch.zeros(3, device=device, dtype=torch.float64)  # correct, count, loss
+        sums = empty_scores(device)
         loader = self.data.make_eval()
         batches = iter(loader)
         filler = None
@@ -198,18 +228,12 @@ class Trainer:
                 batch = filler
             filler = {**{k: v[:1] for k, v in batch.items() if torch.is_tensor(v)}, "label": torch.full((1,), -1)}
             images, labels = self.data.eval_batch(batch, device)
-            logits = self.engine.forward(images).float()
-            valid = labels >= 0
-            sums[0] += (logits.argmax(-1) == labels)[valid].sum()
-            sums[1] += valid.sum()
-            sums[2] += F.cross_entropy(logits[valid], labels[valid], reduction="sum") if valid.any() else 0.0
+            add_scores(sums, self.engine.forward(images).float(), labels)
         all_reduce(sums, op="sum")
         sums /= self.dims.cp * self.dims.tp  # ranks of one cp×tp group scored the same samples
         self.engine.train(True)
         result = {
-            "eval_top1": (sums[0] / sums[1]).item(),
-            "eval_loss": (sums[2] / sums[1]).item(),
-            "eval_samples": int(sums[1].item()),
+            **score_figures(sums),
             **self.skip_counts(loader),
         }
         log.info(
@@ -271,6 +295,7 @@ class Trainer:
         log.info("resumed from %s at step %d", path, self.step)
 
     def summary(self, metrics: dict, eval_metrics: dict, wall_seconds: float, first_step: int) -> dict:
+        examples, flops_per_image = self.seen()
         summary = {
             "final_step": self.step,
             "first_step": first_step,
@@ -279,8 +304,9 @@ class Trainer:
             "eval_loss": eval_metrics.get("eval_loss"),
             "eval": eval_metrics,  # every evaluator's metrics, for results files and sweeps
             "global_batch": self.cfg.data.batch_size,
-            "examples_seen": self.step * self.cfg.data.batch_size,
-            "flops_per_image": self.flops_per_image,
+            "examples_seen": examples,
+            "flops_per_image": flops_per_image,  # the mean over a resolution schedule
+            "resolution": self.resolution.stage_at(max(self.step - 1, 0)).image_size,
             "images_per_sec": metrics.get("images_per_sec"),
             "mfu": metrics.get("mfu"),
             "world_size": self.env.world_size,
