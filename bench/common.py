@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,7 +34,7 @@ def report(name: str, title: str, rows: list[dict], extra: dict | None = None) -
     for column in rows[0]:
         table.add_column(column, justify="right")
     for row in rows:
-        table.add_row(*(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()))
+        table.add_row(*(f"{v:.3f}" if isinstance(v, float) else escape(str(v)) for v in row.values()))
     console = Console()
     # Wide enough for the table when stdout is a file or a pipe (rich assumes 80 columns there).
     Console(width=max(console.width, 160) if not console.is_terminal else None).print(table)

@@ -89,13 +89,14 @@ def compare(name: str, method: Trainee, baseline: Trainee, sizes: list[int], bas
     per_step = len(sizes) if summarize is sum else 1
     return {
         "comparison": name,
-        "method img/s": method.batch * per_step / method_s,
+        "img/s": method.batch * per_step / method_s,
         "baseline img/s": baseline.batch * per_step / base_s,
         "speed-up": base_s / method_s,
-        "method GFLOP/img (flops.py)": method_flops / 1e9,
-        "method GFLOP/img (counted)": counted / 1e9,
-        "baseline GFLOP/img (flops.py)": base_flops / 1e9,
-        "baseline GFLOP/img (counted)": base_counted / 1e9,
+        # GFLOP per image of one training step: scaling/flops.py, and FlopCounterMode's count.
+        "GFLOP": method_flops / 1e9,
+        "counted": counted / 1e9,
+        "baseline GFLOP": base_flops / 1e9,
+        "baseline counted": base_counted / 1e9,
         "FLOPs saved": 1 - method_flops / base_flops,
     }
 
@@ -115,28 +116,28 @@ def digits_top1(patch_dropout: float, out: Path) -> dict:
 
 CASES = {
     "dropout": lambda batch: (
-        "patch dropout 0.5 vs 0 (B/16, 224 px)",
+        "patch dropout 0.5 vs none, B/16 224 px",
         Trainee(bigvit.model_config("vit_b16", patch_dropout=0.5), batch),
         Trainee("vit_b16", batch),
         [224],
         224,
     ),
     "windowed-448": lambda batch: (
-        "windowed 14, global every 4 vs global (B/16, 448 px)",
+        "windowed vs global, B/16 448 px",
         Trainee(bigvit.model_config("vit_b16", image_size=448, **WINDOWED), max(batch // 4, 1)),
         Trainee(bigvit.model_config("vit_b16", image_size=448, **GLOBAL), max(batch // 4, 1)),
         [448],
         448,
     ),
     "windowed-1024": lambda batch: (
-        "windowed 14, global every 4 vs global (B/16, 1024 px)",
+        "windowed vs global, B/16 1024 px",
         Trainee(bigvit.model_config("vit_b16", image_size=1024, **WINDOWED), 1),
         Trainee(bigvit.model_config("vit_b16", image_size=1024, **GLOBAL), 1),
         [1024],
         1024,
     ),
     "progressive": lambda batch: (
-        "progressive 128 → 224 px vs 224 px (B/16, same steps)",
+        "128 → 224 px vs 224 px, B/16",
         Trainee("vit_b16", batch),
         Trainee("vit_b16", batch),
         None,  # filled from --steps: half at 128 px, half at 224 px

@@ -83,14 +83,15 @@ def train_env(nproc: int) -> dict:
 
 
 def run_train(
-    run_dir: Path, overrides: list[str], nproc: int = 1, check: bool = True, timeout: float = 300
+    run_dir: Path,
+    overrides: list[str],
+    nproc: int = 1,
+    check: bool = True,
+    timeout: float = 300,
+    env: dict | None = None,
 ) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
-        "OMP_NUM_THREADS": "1" if nproc > 1 else "2",
-        "WANDB_SILENT": "true",
-    }
+    """bigvit-train (under torchrun when nproc > 1) in `run_dir`; `env` adds environment variables."""
+    env = {**train_env(nproc), **(env or {})}
     cmd = train_command([f"trainer.run_dir={run_dir}", *overrides], nproc)
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:

@@ -9,6 +9,7 @@ import torch
 
 import bigvit.models.attention as attention_module
 from bigvit import build_model
+from bigvit.errors import ConfigError
 from bigvit.models.attention import attention, resolve_impl
 
 TINY = dict(depth=2, width=48, heads=3, mlp_dim=96, image_size=32, patch_size=8, num_classes=10)
@@ -65,8 +66,10 @@ def test_unknown_impl_raises_naming_it():
 
 
 def test_flash_attn_on_cpu_raises_a_clear_error():
+    """Without the package: the extra to install; with it (a GPU machine), the inputs it needs."""
     q, k, v = random_qkv(1, 4, 4, 2, 8)
-    with pytest.raises(RuntimeError, match=r"attn_impl='flash_attn' needs .* device=cpu"):
+    expected = r"model\.attn_impl=flash_attn needs (the flash-attn package: pip install 'bigvit\[gpu\]'|CUDA .* device=cpu)"
+    with pytest.raises(ConfigError, match=expected):
         attention(q, k, v, impl="flash_attn")
 
 

@@ -20,8 +20,9 @@ def run_bad(tmp_path, overrides):
 
 def test_unknown_model_lists_available_models(tmp_path):
     result = run_bad(tmp_path, ["model=vit_foo"])
-    assert "Could not find 'model/vit_foo'" in result.stderr
-    assert "vit_b16" in result.stderr and "vit_22b" in result.stderr
+    lines = error_lines(result)
+    assert len(lines) == 1 and lines[0].startswith("bigvit: error: model=vit_foo: there is no model config 'vit_foo'")
+    assert "vit_b16" in lines[0] and "vit_22b" in lines[0] and "vit_schema" not in lines[0]
 
 
 def test_heads_not_dividing_width_is_one_line(tmp_path):

@@ -319,6 +319,17 @@ def consumed_positions(plan: SourcePlan, state: dict, left) -> set[int]:
     return set(plan.consumed_by(record, 0, left).tolist())
 
 
+def positions_read_across_a_resize(checkpoint, digits_root) -> tuple[set[int], set[int]]:
+    """Epoch-0 positions of the digits train split read before a run's first layout change (from the
+    checkpoint's data history) and after it, up to `checkpoint`."""
+    state = json.loads((checkpoint / "bigvit.json").read_text())["data"]
+    sizes = json.loads((digits_root / "index.json").read_text())["splits"]["train"]["counts"]
+    first = LayoutRecord.from_dict(state["history"][0])
+    before = set(SourcePlan(sizes, seed=0).consumed_by(first, 0, None).tolist())
+    later = SourcePlan(sizes, seed=0, history=[first])
+    return before, consumed_positions(later, state, later.remaining(0))
+
+
 @pytest.mark.slow
 def test_training_on_two_processes_resumes_on_one_with_mixup_and_no_sample_read_twice(tmp_path):
     run_dir = tmp_path / "run"
@@ -342,11 +353,5 @@ def test_training_on_two_processes_resumes_on_one_with_mixup_and_no_sample_read_
     assert "saved at 2 rank(s) x 2 worker(s)" in resumed.stdout + resumed.stderr
     # Every rank's stream state was gathered into bigvit.json; the one-process run read none of the
     # 4 x 16 samples the two-process run had taken, and 4 x 16 of its own.
-    meta = json.loads((run_dir / "checkpoints" / "step_00000008" / "bigvit.json").read_text())
-    state = meta["data"]
-    sizes = json.loads((tmp_path / "digits" / "index.json").read_text())["splits"]["train"]["counts"]
-    two_processes = LayoutRecord.from_dict(state["history"][0])
-    before = set(SourcePlan(sizes, seed=0).consumed_by(two_processes, 0, None).tolist())
-    one_process = SourcePlan(sizes, seed=0, history=[two_processes])
-    after = consumed_positions(one_process, state, one_process.remaining(0))
+    before, after = positions_read_across_a_resize(run_dir / "checkpoints" / "step_00000008", tmp_path / "digits")
     assert len(before) == len(after) == 64 and not before & after

@@ -128,3 +128,17 @@ def test_zero3_bf16_trains_close_to_fp32(tmp_path, single):
     for name in expected:  # the checkpoint holds DeepSpeed's fp32 master weights
         assert got[name].dtype == torch.float32
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-2, msg=name)
+
+
+@pytest.mark.slow
+def test_tampered_deepspeed_file_is_refused_without_running_it(tmp_path):
+    from tests.test_safe_checkpoints import Exploit, one_error_line
+
+    overrides = [*COMMON, "trainer.max_steps=2", "parallel=deepspeed_zero2"]
+    run_train(tmp_path / "run", overrides)
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000002"
+    optim = next((checkpoint / "deepspeed").glob("*optim_states.pt"))
+    torch.save({"optimizer_state_dict": Exploit(tmp_path / "code_ran")}, optim)
+    line = one_error_line(run_train(tmp_path / "run", [*overrides, "trainer.max_steps=3"], check=False))
+    assert not (tmp_path / "code_ran").exists()
+    assert f"{optim} is not a plain DeepSpeed checkpoint file" in line and "posix.system" in line, line

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 from bigvit.errors import ConfigError
 from bigvit.models.vit import ViTConfig
@@ -16,8 +17,11 @@ WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 
 def register_schemas() -> None:
-    """Typed schemas that conf/ files extend: `model.depth=abc` fails at composition, naming the key."""
-    ConfigStore.instance().store(group="model", name="vit_schema", node=ViTConfig)
+    """Typed schemas that conf/ files extend: `model.depth=abc` fails at composition, naming the key.
+
+    Stored outside every config group (conf/model/*.yaml include it as `/vit_schema@_here_`), so that
+    neither --help nor a misspelt `model=` lists it among the choices."""
+    ConfigStore.instance().store(name="vit_schema", node=ViTConfig)
 
 
 def check_choice(key: str, value, valid) -> None:
@@ -28,6 +32,64 @@ def check_choice(key: str, value, valid) -> None:
 def check_positive(key: str, value, allow_zero: bool = False) -> None:
     if not isinstance(value, int) or value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{key}={value!r} must be a {'non-negative' if allow_zero else 'positive'} integer")
+
+
+def check_number(key: str, value, low: float, high: float = float("inf"), open_low: bool = False) -> None:
+    """`value` is a number in [low, high), or (low, high) with `open_low`."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not number or not (low < value if open_low else low <= value) or not value < high:
+        raise ConfigError(f"{key}={value!r} must be a number in {'(' if open_low else '['}{low}, {high})")
+
+
+def check_trainer(cfg) -> None:
+    if cfg.get("stop_step") is not None:
+        check_positive("trainer.stop_step", cfg.stop_step, allow_zero=True)
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
+        raise ConfigError(f"trainer.seed={cfg.seed!r} must be an integer")
+    check_number("trainer.label_smoothing", cfg.label_smoothing, 0.0, 1.0)
+    check_number("trainer.dist_timeout_s", cfg.dist_timeout_s, 0.0, open_low=True)
+
+
+def check_data_and_model(cfg) -> None:
+    """The data keys the model follows, then the model's fit to the data (the rest is ViTConfig's)."""
+    # Before any model key is read: model.image_size and model.num_classes interpolate these into typed fields.
+    for key in ("batch_size", "image_size", "num_classes"):
+        if OmegaConf.is_missing(cfg.data, key):
+            raise ConfigError(f"data.{key} is not set: give it on the command line, e.g. data.{key}=N")
+        check_positive(f"data.{key}", cfg.data[key])
+    if cfg.model.num_classes < cfg.data.num_classes:  # labels past the classifier (or none, at 0)
+        raise ConfigError(
+            f"model.num_classes={cfg.model.num_classes} is fewer than data.num_classes={cfg.data.num_classes}: "
+            "labels would fall outside the classifier; leave model.num_classes at ${data.num_classes}"
+        )
+    if cfg.model.in_chans != 3:
+        raise ConfigError(
+            f"model.in_chans={cfg.model.in_chans}: bigvit's data gives RGB images (3 channels); leave it at 3"
+        )
+
+
+def check_optim(cfg) -> None:
+    """The optimizer's hyperparameters (torch's own checks name no key; a negative clip would flip gradients)."""
+    check_number("optim.lr", cfg.lr, 0.0)
+    check_number("optim.weight_decay", cfg.weight_decay, 0.0)
+    check_number("optim.layer_decay", cfg.layer_decay, 0.0, open_low=True)
+    if cfg.get("grad_clip") is not None:
+        check_number("optim.grad_clip", cfg.grad_clip, 0.0)
+    check_patterns("optim.no_decay", cfg.get("no_decay", []))
+    if cfg.name == "sgd":
+        check_number("optim.momentum", cfg.momentum, 0.0, 1.0)
+        return
+    betas = cfg.betas
+    if isinstance(betas, str) or not hasattr(betas, "__len__") or len(betas) != 2:
+        raise ConfigError(f"optim.betas={betas!r} must be a pair [beta1, beta2], e.g. [0.9, 0.999]")
+    for index, beta in enumerate(betas):
+        check_number(f"optim.betas[{index}]", beta, 0.0, 1.0)
+    check_number("optim.eps", cfg.eps, 0.0)
+
+
+def check_patterns(key: str, value) -> None:
+    if isinstance(value, str) or not hasattr(value, "__len__") or not all(isinstance(p, str) for p in value):
+        raise ConfigError(f"{key}={value!r} must be a list of parameter-name patterns, e.g. [pos_embed, '*.probe']")
 
 
 def validate(cfg) -> None:
@@ -45,8 +107,16 @@ def validate(cfg) -> None:
         check_positive(f"trainer.{key}", cfg.trainer[key])
     for key in ("eval_every", "checkpoint_every", "keep_checkpoints"):
         check_positive(f"trainer.{key}", cfg.trainer[key], allow_zero=True)
-    check_positive("data.batch_size", cfg.data.batch_size)
-    for step in cfg.trainer.get("checkpoint_at") or ():
+    check_trainer(cfg.trainer)
+    check_data_and_model(cfg)
+    check_optim(cfg.optim)
+    check_positive("logger.console_every", cfg.logger.console_every)
+    if cfg.hardware.get("peak_tflops") is not None:
+        check_number("hardware.peak_tflops", cfg.hardware.peak_tflops, 0.0)
+    checkpoint_at = cfg.trainer.get("checkpoint_at") or []
+    if isinstance(checkpoint_at, str) or not hasattr(checkpoint_at, "__len__"):
+        raise ConfigError(f"trainer.checkpoint_at={checkpoint_at!r} must be a list of steps, e.g. [100, 200]")
+    for step in checkpoint_at:
         if not isinstance(step, int) or not 0 < step <= cfg.trainer.max_steps:
             raise ConfigError(
                 f"trainer.checkpoint_at holds {step!r}: each entry must be a step in "

@@ -40,6 +40,11 @@ class ResolutionSchedule:
         ConfigError naming the entry that is not a valid stage."""
         base = int(data_cfg.image_size)
         entries = data_cfg.get("resolution_schedule") or [[0, base]]
+        if isinstance(entries, str) or not hasattr(entries, "__len__"):
+            raise ConfigError(
+                f"data.resolution_schedule={entries!r} must be a list of [fraction of training, image size] "
+                "stages, e.g. [[0, 128], [0.5, 224]], or null"
+            )
         scaling = bool(data_cfg.get("resolution_batch_scaling", False))
         stages, previous = [], -1.0
         for index, entry in enumerate(entries):

@@ -6,7 +6,6 @@ flash-attn uses natively; SDPA and the math reference transpose views internally
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable
 from functools import cache
@@ -14,16 +13,16 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
+from bigvit.errors import ConfigError
+from bigvit.extras import optional, require
+
 ATTN_IMPLS = ("auto", "flash_attn", "sdpa", "math")
 
 
 @cache
 def _flash_attn_func() -> Callable | None:
     """The flash-attn package's kernel, or None where it is not installed."""
-    try:
-        return importlib.import_module("flash_attn").flash_attn_func
-    except (ImportError, AttributeError):
-        return None
+    return getattr(optional("flash_attn"), "flash_attn_func", None)
 
 
 def flash_attn_usable(q: torch.Tensor) -> bool:
@@ -43,9 +42,10 @@ def resolve_impl(impl: str, q: torch.Tensor) -> str:
     if impl == "auto":
         return "flash_attn" if flash_attn_usable(q) else "sdpa"
     if impl == "flash_attn" and not flash_attn_usable(q):
-        raise RuntimeError(
-            "model.attn_impl='flash_attn' needs the flash-attn package (pip install 'bigvit[gpu]') and "
-            f"CUDA fp16/bf16 inputs; got device={q.device}, dtype={q.dtype}. Use attn_impl=auto or sdpa."
+        require("flash_attn", "model.attn_impl=flash_attn")
+        raise ConfigError(
+            "model.attn_impl=flash_attn needs CUDA fp16/bf16 inputs with head_dim <= 256; got "
+            f"device={q.device}, dtype={q.dtype}, head_dim={q.shape[-1]}. Use model.attn_impl=auto or sdpa."
         )
     return impl
 

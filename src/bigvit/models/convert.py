@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from bigvit.errors import CheckpointError
 from bigvit.models.vit import ViTConfig
 
 # timm name fragment → bigvit name fragment (all other names are shared).
@@ -47,10 +49,21 @@ def export_safetensors(
 
 
 def import_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
+    """The tensors of a .safetensors file (data only: the format holds no code); a CheckpointError
+    names a file that is not one."""
+    with _readable(path):
+        return load_file(str(path))
 
 
 def safetensors_metadata(path: str | Path) -> dict[str, str]:
     """The string metadata of a .safetensors file (bigvit-export writes `model`, the config as JSON, and `step`)."""
-    with safe_open(str(path), framework="pt") as handle:
+    with _readable(path), safe_open(str(path), framework="pt") as handle:
         return handle.metadata() or {}
+
+
+@contextlib.contextmanager
+def _readable(path: str | Path):
+    try:
+        yield
+    except (OSError, SafetensorError) as error:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({error})") from None

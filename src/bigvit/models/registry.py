@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from bigvit.errors import ConfigError
+from bigvit.errors import ConfigError, did_you_mean
 from bigvit.models.vit import ViT, ViTConfig
 
 MODEL_CONF_DIR = Path(__file__).resolve().parent.parent / "conf" / "model"
@@ -24,7 +24,10 @@ def model_config(name_or_cfg: str | dict | ViTConfig, **overrides) -> ViTConfig:
     elif isinstance(name_or_cfg, str):
         path = MODEL_CONF_DIR / f"{name_or_cfg}.yaml"
         if not path.is_file():
-            raise ConfigError(f"unknown model {name_or_cfg!r}; available models: {', '.join(list_models())}")
+            hint = did_you_mean(name_or_cfg, list_models())
+            raise ConfigError(
+                f"unknown model {name_or_cfg!r}; available models: {', '.join(list_models())}{'; ' + hint if hint else ''}"
+            )
         values = yaml.safe_load(path.read_text())
         values.pop("defaults", None)  # the Hydra schema reference; its defaults are ViTConfig's own
     else:

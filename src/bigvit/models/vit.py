@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bigvit.errors import ConfigError
+from bigvit.errors import ConfigError, did_you_mean
 from bigvit.models.attention import ATTN_IMPLS, attention, window_attention
 from bigvit.models.resample import resample_pos_embed
 
@@ -105,7 +105,9 @@ class ViTConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ConfigError(f"unknown model key(s) {unknown}; valid keys are {sorted(known)}")
+            close = {key: hint for key in unknown if (hint := did_you_mean(key, known, "model."))}
+            hints = "; ".join(hint if len(unknown) == 1 else f"{key}: {hint}" for key, hint in close.items())
+            raise ConfigError(f"unknown model key(s) {unknown}; {hints or f'valid keys are {sorted(known)}'}")
         return cls(**values)
 
     def to_dict(self) -> dict:

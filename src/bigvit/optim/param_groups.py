@@ -11,6 +11,7 @@ from fnmatch import fnmatch
 
 import torch.nn as nn
 
+from bigvit.errors import ConfigError
 from bigvit.parallel.names import clean_name
 
 EMBEDDINGS = ("patch_embed", "cls_token", "reg_tokens", "pos_embed")
@@ -42,9 +43,9 @@ def param_groups(
     the number of blocks; `apply_lr` multiplies the LR by `lr_scale`. Frozen parameters are left out.
     """
     if weight_decay < 0:
-        raise ValueError(f"optim.weight_decay={weight_decay} must be >= 0")
+        raise ConfigError(f"optim.weight_decay={weight_decay} must be >= 0")
     if layer_decay <= 0:
-        raise ValueError(f"optim.layer_decay={layer_decay} must be > 0 (1.0 turns layer decay off)")
+        raise ConfigError(f"optim.layer_decay={layer_decay} must be > 0 (1.0 turns layer decay off)")
     named = [(clean_name(n), p) for n, p in model.named_parameters()]
     # max index + 1 rather than a count, so a model holding only some blocks keeps global depths.
     num_blocks = 1 + max((int(n.split(".")[1]) for n, _ in named if n.startswith("blocks.")), default=-1)

@@ -53,12 +53,13 @@ def lr_factor(
         raise ConfigError(f"schedule.name={name!r} is not one of {list(SCHEDULES)}")
     if total_steps <= 0:
         raise ConfigError(f"schedule.total_steps={total_steps} must be > 0")
-    if not 0 <= warmup_steps <= total_steps:
+    if not isinstance(warmup_steps, int) or not 0 <= warmup_steps <= total_steps:
         raise ConfigError(
-            f"schedule.warmup_steps={warmup_steps} must be in [0, total_steps={total_steps}] (total_steps = trainer.max_steps)"
+            f"schedule.warmup_steps={warmup_steps!r} must be an integer in [0, total_steps={total_steps}] "
+            "(total_steps = trainer.max_steps)"
         )
-    if not 0.0 <= min_factor <= 1.0:
-        raise ConfigError(f"schedule.min_factor={min_factor} must be in [0, 1]")
+    if not _is_number(min_factor) or not 0.0 <= min_factor <= 1.0:
+        raise ConfigError(f"schedule.min_factor={min_factor!r} must be in [0, 1]")
     if step < 0:
         raise ConfigError(f"step={step} must be >= 0")
     if name == "wsd":
@@ -77,13 +78,21 @@ def lr_factor(
     return min_factor + (1.0 - min_factor) * decay
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_decay_fraction(decay_fraction) -> None:
+    if not _is_number(decay_fraction) or not 0.0 < decay_fraction <= 1.0:
+        raise ConfigError(f"schedule.decay_fraction={decay_fraction!r} must be in (0, 1]")
+
+
 def _wsd_factor(
     step: int, warmup_steps: int, total_steps: int, min_factor: float, decay_fraction: float, decay_shape: str
 ) -> float:
     if decay_shape not in DECAY_SHAPES:
         raise ConfigError(f"schedule.decay_shape={decay_shape!r} is not one of {list(DECAY_SHAPES)}")
-    if not 0.0 < decay_fraction <= 1.0:
-        raise ConfigError(f"schedule.decay_fraction={decay_fraction} must be in (0, 1]")
+    check_decay_fraction(decay_fraction)
     start = decay_start(total_steps, decay_fraction)
     if start < warmup_steps:
         raise ConfigError(
@@ -101,11 +110,35 @@ def _wsd_factor(
     return min_factor + (1.0 - min_factor) * decay
 
 
+def capped_warmup(cfg, total_steps: int) -> int:
+    """schedule.warmup_steps, or where it is longer than the run, the run's length (WSD: the steps before
+    its cooldown), so that a short smoke run (trainer.max_steps=5) of any config trains."""
+    warmup = cfg.warmup_steps
+    if not isinstance(warmup, int) or warmup <= total_steps or total_steps <= 0:
+        return warmup  # lr_factor reports bad values
+    if cfg.name == "wsd":
+        check_decay_fraction(cfg.get("decay_fraction", 0.2))
+        return max(decay_start(total_steps, cfg.get("decay_fraction", 0.2)), 0)
+    return total_steps
+
+
+def warmup_warning(cfg, total_steps: int) -> str | None:
+    """The line to log once (main rank) when capped_warmup shortens the configured warm-up; else None."""
+    capped = capped_warmup(cfg, total_steps)
+    if capped == cfg.warmup_steps:
+        return None
+    return (
+        f"schedule.warmup_steps={cfg.warmup_steps} is longer than the run (trainer.max_steps={total_steps}): "
+        f"warming up over {capped} step{'' if capped == 1 else 's'}{' (until the WSD cooldown)' if cfg.name == 'wsd' else ''}"
+    )
+
+
 def schedule_args(cfg, total_steps: int) -> dict:
-    """lr_factor's keyword arguments from a `schedule` config (conf/schedule/*.yaml)."""
+    """lr_factor's keyword arguments from a `schedule` config (conf/schedule/*.yaml), the warm-up capped to
+    the run (capped_warmup)."""
     return dict(
         name=cfg.name,
-        warmup_steps=cfg.warmup_steps,
+        warmup_steps=capped_warmup(cfg, total_steps),
         total_steps=total_steps,
         min_factor=cfg.min_factor,
         decay_fraction=cfg.get("decay_fraction", 0.2),

@@ -6,9 +6,9 @@ after all micro-batches" style: the boundary flag follows `sync_grads`, `backwar
 by the accumulation count (the trainer already divided the loss) and `step` runs once per
 optimizer step.
 
-Checkpoints hold DeepSpeed's own files (tag `deepspeed/`, resumable at the same world size), one
-pickle of per-rank state per rank and the full fp32 model as DCP `{"model": ...}` by parameter
-name, so the weights load without DeepSpeed exactly like a PyTorch-engine checkpoint.
+Checkpoints hold DeepSpeed's own files (tag `deepspeed/`, resumable at the same world size) and the
+full fp32 model as DCP `{"model": ...}` by parameter name, so the weights load without DeepSpeed
+exactly like a PyTorch-engine checkpoint (the Checkpointer adds per-rank state and metadata).
 """
 
 from __future__ import annotations
@@ -28,14 +28,32 @@ import torch.nn as nn
 from omegaconf import OmegaConf
 
 from bigvit.config import local_batch_size
-from bigvit.errors import ConfigError
+from bigvit.errors import CheckpointError, ConfigError, weights_only_reason
+from bigvit.extras import require
 from bigvit.parallel.materialize import materialize
 from bigvit.parallel.mesh import ParallelDims
 from bigvit.parallel.names import clean_name
 from bigvit.parallel.parallelize import DTYPES, apply_ac
-from bigvit.train.checkpoint import CheckpointError
 
 TAG = "deepspeed"  # DeepSpeed's sub-directory inside a bigvit checkpoint directory
+# The classes DeepSpeed's checkpoint files hold besides tensors and containers: an enum and loss
+# scalers restored attribute by attribute (torch.load admits them under weights_only=True).
+CHECKPOINT_CLASSES = (
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+)
+
+
+def data_only_load(path: str, map_location=None):
+    """DeepSpeed's checkpoint-engine load, as data: weights_only with its few classes admitted."""
+    classes = [getattr(importlib.import_module(module), name) for module, name in CHECKPOINT_CLASSES]
+    try:
+        with torch.serialization.safe_globals(classes):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = weights_only_reason(error)
+        raise CheckpointError(f"{path} is not a plain DeepSpeed checkpoint file, refusing it ({reason})") from None
 ZERO_STAGES = (1, 2, 3)
 
 
@@ -89,11 +107,12 @@ def deepspeed_config(cfg, dims: ParallelDims) -> dict:
     return deep_merge(config, extra)
 
 
-def import_deepspeed(device: torch.device):
-    """Import DeepSpeed, on its CPU accelerator when there is no CUDA (must precede the import)."""
+def import_deepspeed(device: torch.device, feature: str = "parallel.strategy=deepspeed"):
+    """Import DeepSpeed, on its CPU accelerator when there is no CUDA (must precede the import); `feature`
+    names the setting that needs it in the error where it is not installed."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
+    deepspeed = require("deepspeed", feature)
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # it prints its whole config at INFO
     if device.type == "cpu":
@@ -135,13 +154,15 @@ class DeepSpeedEngine:
         make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
     ):
         config = deepspeed_config(cfg, dims)
-        deepspeed = import_deepspeed(device)
+        deepspeed = import_deepspeed(device, f"parallel=deepspeed_zero{cfg.parallel.zero_stage}")
         apply_ac(model, cfg.parallel.activation_checkpointing, cfg.parallel.get("ac_every", 1))
         materialize(model, device, cfg.trainer.seed)  # the same initial weights as every other layout
         ensure_process_group(device)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=make_optimizer(model), config=config
         )
+        # DeepSpeed reads its own files with torch.load(weights_only=False); bigvit reads them as data.
+        self.engine.checkpoint_engine.load = data_only_load
         self.input_dtype = DTYPES[cfg.trainer.precision]  # DeepSpeed casts the weights, not the inputs
         self.safe_get_full_fp32_param = deepspeed.utils.safe_get_full_fp32_param
 
@@ -185,15 +206,16 @@ class DeepSpeedEngine:
                 state[clean_name(name)] = buffer.detach().cpu().clone()
         return state
 
-    def save(self, directory: Path, step: int, rank_key: str, rank_state: dict) -> None:
+    saves_async = False  # DeepSpeed writes with its own checkpoint engine
+
+    def save(self, directory: Path, step: int, asynchronous: bool = False, group=None) -> None:
         self.engine.save_checkpoint(str(directory), tag=TAG, client_state={"step": step}, save_latest=False)
-        (Path(directory) / f"{rank_key}.pkl").write_bytes(pickle.dumps(rank_state))
         model_state = self.full_state_dict()
         if dist.get_rank() == 0:
             dcp.save({"model": model_state}, checkpoint_id=str(directory), no_dist=True)
 
-    def load(self, directory: Path, rank_key: str | None) -> tuple[int, dict | None]:
-        if rank_key is None:
+    def load(self, directory: Path, same_layout: bool = True) -> int:
+        if not same_layout:
             raise CheckpointError(
                 f"{directory} was saved at another world size; DeepSpeed resumes ZeRO optimizer state "
                 "only at the world size it was saved with (the full fp32 weights are in the same "
@@ -204,5 +226,4 @@ class DeepSpeedEngine:
         )
         if path is None:
             raise CheckpointError(f"{directory} holds no DeepSpeed checkpoint (expected {TAG}/)")
-        rank_state = pickle.loads((Path(directory) / f"{rank_key}.pkl").read_bytes())
-        return int(client_state["step"]), rank_state
+        return int(client_state["step"])

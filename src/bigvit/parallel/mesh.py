@@ -30,13 +30,15 @@ class ParallelDims:
 
 def resolve_dims(cfg, world_size: int) -> ParallelDims:
     """Degrees from config with at most one -1 filled from the world size; errors name the bad key."""
-    degrees = {name: int(cfg.get(name, 1)) for name in DIM_NAMES}
-    bad = {k: v for k, v in degrees.items() if v == 0 or v < -1}
+    degrees = {name: cfg.get(name, 1) for name in DIM_NAMES}
+    integer = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    bad = [f"parallel.{k}={v!r}" for k, v in degrees.items() if not integer(v) or v == 0 or v < -1]
     if bad:
-        raise ConfigError(f"parallel degrees must be positive or -1 (fill); got {bad}")
+        raise ConfigError(f"{', '.join(bad)}: parallel degrees must be positive or -1 (fill)")
     fill = [k for k, v in degrees.items() if v == -1]
     if len(fill) > 1:
-        raise ConfigError(f"only one parallel degree may be -1; got {fill}")
+        named = ", ".join(f"parallel.{k}=-1" for k in fill)
+        raise ConfigError(f"only one parallel degree may be -1; got {named}")
     fixed = 1
     for value in degrees.values():
         fixed *= value if value > 0 else 1
@@ -50,7 +52,7 @@ def resolve_dims(cfg, world_size: int) -> ParallelDims:
     dims = ParallelDims(**degrees)
     if dims.world_size != world_size:
         raise ConfigError(
-            f"parallel layout dp_replicate×dp_shard×cp×tp = {'×'.join(str(degrees[k]) for k in DIM_NAMES)} "
+            f"parallel layout {' × '.join(f'parallel.{k}={degrees[k]}' for k in DIM_NAMES)} "
             f"= {dims.world_size} ranks, but the world size is {world_size}; set one degree to -1 to fill"
         )
     return dims

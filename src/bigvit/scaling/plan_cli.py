@@ -17,6 +17,7 @@ from bigvit.config import register_schemas
 from bigvit.errors import ConfigError
 from bigvit.models.registry import model_config
 from bigvit.models.vit import ViTConfig
+from bigvit.overrides import checked_main
 from bigvit.scaling.assumptions import Assumptions
 from bigvit.scaling.dryrun import dry_run
 from bigvit.scaling.hardware import build_cluster
@@ -186,7 +187,7 @@ def run_planner(cfg: DictConfig, model: ViTConfig | None = None) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="plan")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     try:
         if cfg.plan.format not in FORMATS:
             raise ConfigError(f"plan.format={cfg.plan.format!r} is not one of {list(FORMATS)}")
@@ -209,6 +210,10 @@ def main(cfg: DictConfig) -> None:
         print_table(report)
     else:
         print_plan(report)
+
+
+def main() -> None:
+    checked_main(CONF_DIR, "plan", hydra_main)
 
 
 if __name__ == "__main__":

@@ -18,16 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from bigvit.errors import ConfigError
+from bigvit.extras import require
 from bigvit.scaling.laws import fit_law, predict
 from bigvit.scaling.results import columns, pareto
 
 
 def pyplot():
-    try:
-        import matplotlib
-    except ImportError as missing:
-        raise ConfigError("bigvit-scaling plot needs matplotlib: pip install 'bigvit[plot]'") from missing
-    matplotlib.use("Agg")
+    require("matplotlib", "bigvit-scaling plot").use("Agg")
     import matplotlib.pyplot as plt
 
     return plt

@@ -27,14 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from bigvit.errors import ConfigError
 from bigvit.models.registry import model_config
-from bigvit.optim.schedule import decay_start
+from bigvit.optim.schedule import decay_start, lr_factor, schedule_args
+from bigvit.overrides import compose, is_launch_override
 from bigvit.scaling.flops import train_flops
 from bigvit.scaling.results import known_runs
 from bigvit.train.checkpoint import checkpoint_step
@@ -194,23 +193,9 @@ def write_point_configs(points: list[Point], scfg, sweep_dir: Path, results: Pat
     return root
 
 
-def is_launch_override(text: str) -> bool:
-    """hydra/launcher=..., hydra.launcher.* and the like: how jobs run, not what they train."""
-    key = text.lstrip("+~")
-    return key.startswith("hydra") and not key.startswith("hydra.searchpath")
-
-
 def compose_config(name: str, overrides: list[str], what: str):
     """conf/<name>.yaml composed with `overrides` as its command would (Hydra's errors as one line)."""
-    from bigvit.config import register_schemas
-
-    GlobalHydra.instance().clear()
-    register_schemas()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(name, overrides=overrides)
-    except Exception as error:  # Hydra's own errors: one line naming what was composed
-        raise ConfigError(f"{what}: {str(error).splitlines()[0]}") from None
+    return compose(CONF_DIR, name, overrides, what)
 
 
 def compose_train(overrides: list[str], what: str):
@@ -233,8 +218,25 @@ def plan_points(points: list[Point], common: list[str], search_root: Path, decay
                 "schedule=wsd to scaling.overrides or set scaling.branch=false"
             )
         point.steps = int(cfg.trainer.max_steps)
+        check_schedule(point, schedule, bool(branched))
         flops = train_flops(model_config(OmegaConf.to_container(cfg.model, resolve=True)))
         point.compute = flops * cfg.data.batch_size * (point.steps - point.first_step)
+
+
+def check_schedule(point: Point, schedule, branched: bool) -> None:
+    """The point's schedule as its run will evaluate it (bad values fail before anything trains); a
+    branched point's warm-up must fit its run: capped, it would no longer match the longest run's prefix."""
+    args = schedule_args(schedule, point.steps)
+    try:
+        lr_factor(0, **args)
+    except ConfigError as error:
+        raise ConfigError(f"point {point.id}: {error}") from None
+    if branched and args["warmup_steps"] != schedule.warmup_steps:
+        raise ConfigError(
+            f"point {point.id}: schedule.warmup_steps={schedule.warmup_steps} is longer than its "
+            f"trainer.max_steps={point.steps}, so its cooldown cannot branch from the longest run; lower "
+            "schedule.warmup_steps or set scaling.branch=false"
+        )
 
 
 # -- running -------------------------------------------------------------------------------------

@@ -15,8 +15,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from bigvit.config import register_schemas
+from bigvit.config import register_schemas, validate
 from bigvit.errors import ConfigError
+from bigvit.overrides import checked_main
 from bigvit.parallel.distributed import DistEnv, broadcast_object, init_distributed, teardown
 from bigvit.scaling.results import append_results, record_from_run
 from bigvit.train.checkpoint import CheckpointError
@@ -100,6 +101,7 @@ def closing_line(summary: dict, run_dir: Path) -> str:
 
 
 def run(cfg: DictConfig) -> dict:
+    validate(cfg)  # before anything reads (or resolves, into run_dir/config.yaml) a bad value
     env = init_distributed(cfg.trainer.dist_timeout_s)
     setup_logging(env)
     try:
@@ -130,7 +132,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    hydra_main()
+    checked_main(CONF_DIR, "train", hydra_main)
 
 
 if __name__ == "__main__":

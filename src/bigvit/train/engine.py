@@ -7,8 +7,8 @@ own runtime (DeepSpeed) is another engine class in parallel/, chosen by `paralle
 from __future__ import annotations
 
 import importlib
-import pickle
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from bigvit.parallel.grad import clip_grad_norm_
 from bigvit.parallel.materialize import materialize
 from bigvit.parallel.parallelize import autocast_context, parallelize, set_gradient_sync
+from bigvit.train.safe_load import load_dcp
 
 # Strategies whose engine is not TorchEngine: strategy → "module:Class", imported only when chosen.
 ENGINES = {"deepspeed": "bigvit.parallel.deepspeed:DeepSpeedEngine"}
@@ -70,28 +71,27 @@ class TorchEngine:
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)
 
-    def save(self, directory: Path, step: int, rank_key: str, rank_state: dict) -> None:
-        """DCP by parameter name (DTensor shards and all), so the checkpoint loads under another layout."""
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        state = {
-            "model": model_state,
-            "optim": optim_state,
-            "step": step,
-            "scaler": self.scaler.state_dict(),
-            rank_key: pickle.dumps(rank_state),
-        }
-        dcp.save(state, checkpoint_id=str(directory))
+    saves_async = True
 
-    def load(self, directory: Path, rank_key: str | None) -> tuple[int, dict | None]:
+    def save(self, directory: Path, step: int, asynchronous: bool = False, group=None) -> Future | None:
+        """DCP by parameter name (DTensor shards and all), so the checkpoint loads under another layout.
+        Asynchronous: staged to host memory, then written by a thread; returns the write's future."""
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optim": optim_state, "step": step, "scaler": self.scaler.state_dict()}
+        if asynchronous:
+            return dcp.async_save(state, checkpoint_id=str(directory), process_group=group)
+        dcp.save(state, checkpoint_id=str(directory))
+        return None
+
+    def load(self, directory: Path, same_layout: bool = True) -> int:
+        """Load a checkpoint saved under any layout (read as data only); returns its step."""
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         state = {"model": model_state, "optim": optim_state, "step": 0}
-        if rank_key:
-            state[rank_key] = b""
-        dcp.load(state, checkpoint_id=str(directory))
+        load_dcp(state, directory)
         set_state_dict(
             self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
         )
-        return int(state["step"]), pickle.loads(state[rank_key]) if rank_key else None
+        return int(state["step"])
 
 
 def build_engine(

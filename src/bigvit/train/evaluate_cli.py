@@ -19,17 +19,11 @@ import argparse
 import copy
 import itertools
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException
 from omegaconf import OmegaConf, open_dict
-from omegaconf.errors import OmegaConfBaseException
 
 from bigvit.config import check_positive
 from bigvit.data import build_data
@@ -38,6 +32,7 @@ from bigvit.errors import ConfigError
 from bigvit.models.convert import import_safetensors, safetensors_metadata
 from bigvit.models.registry import build_model
 from bigvit.models.resample import adapt_state_dict
+from bigvit.overrides import compose, parse_overrides
 from bigvit.parallel.parallelize import autocast_context
 from bigvit.scaling.sweep import compose_config
 from bigvit.train.cli import USER_ERRORS
@@ -71,9 +66,7 @@ def load_weights(path: Path) -> Weights:
         step = int(metadata["step"]) if "step" in metadata else None
         return Weights(path, import_safetensors(path), model, step, None, model["image_size"])
     checkpoint = resolve_checkpoint(path)
-    with warnings.catch_warnings():  # reading a sharded checkpoint in one process is the point here
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        state, meta = load_full_state(checkpoint)
+    state, meta = load_full_state(checkpoint)
     run_dir = checkpoint.parent.parent  # <run_dir>/checkpoints/step_N
     if not (run_dir / RUN_CONFIG).is_file():
         raise FileNotFoundError(
@@ -86,10 +79,7 @@ def load_weights(path: Path) -> Weights:
 
 def sweep_points(overrides: list[str]) -> list[list[str]]:
     """Hydra multirun's expansion: every combination of the comma lists (and range()s) in `overrides`."""
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except HydraException as error:
-        raise ConfigError(f"overrides {overrides}: {str(error).splitlines()[0]}") from None
+    parsed = parse_overrides(overrides)
     choices = []
     for override in parsed:
         if not override.is_sweep_override():
@@ -104,18 +94,14 @@ def sweep_points(overrides: list[str]) -> list[list[str]]:
 
 def compose_run(run_dir: Path, overrides: list[str]):
     """The run's config.yaml with Hydra `overrides` on top (Hydra's errors as one line)."""
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(run_dir.resolve()), version_base="1.3"):
-            return compose(Path(RUN_CONFIG).stem, overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as error:
-        raise ConfigError(f"{run_dir / RUN_CONFIG} with {overrides}: {str(error).splitlines()[0]}") from None
+    what = f"{run_dir / RUN_CONFIG} with {overrides}"
+    return compose(run_dir.resolve(), Path(RUN_CONFIG).stem, overrides, what)
 
 
 def point_config(weights: Weights, overrides: list[str]):
     """The composed config of one evaluation: the run's (or train.yaml with the weights' model keys) with
     `overrides` on top; data.image_size, when given, sets model.image_size unless that is given too."""
-    keys = {OverridesParser.create().parse_override(text).key_or_group for text in overrides}
+    keys = {override.key_or_group for override in parse_overrides(overrides)}
     if weights.run_dir is not None:
         cfg = compose_run(weights.run_dir, overrides)
     else:

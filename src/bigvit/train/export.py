@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from pathlib import Path
-
-import torch.distributed.checkpoint as dcp
 
 from bigvit.models.convert import export_safetensors
 from bigvit.models.registry import build_model
 from bigvit.train.checkpoint import META_FILE, CheckpointError, checkpoint_dirs
+from bigvit.train.safe_load import load_dcp, read_json
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -32,10 +32,14 @@ def resolve_checkpoint(path: Path) -> Path:
 
 def load_full_state(checkpoint: Path) -> tuple[dict, dict]:
     """(full model state dict, checkpoint metadata)."""
-    meta = json.loads((checkpoint / META_FILE).read_text())
+    meta = read_json(checkpoint / META_FILE)
+    if not isinstance(meta.get("model"), dict):
+        raise CheckpointError(f"{checkpoint / META_FILE} names no model config (key 'model')")
     model = build_model(meta["model"])
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+    with warnings.catch_warnings():  # reading a sharded checkpoint in one process is the point here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        load_dcp(state, checkpoint, no_dist=True)
     return state["model"], meta
 
 
@@ -45,10 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", type=Path, help="output .safetensors file")
     args = parser.parse_args(argv)
     try:
-        checkpoint = resolve_checkpoint(args.checkpoint)
+        state, meta = load_full_state(resolve_checkpoint(args.checkpoint))
     except CheckpointError as error:
         raise SystemExit(f"bigvit: error: {error}") from None
-    state, meta = load_full_state(checkpoint)
     export_safetensors(state, args.out, {"model": json.dumps(meta["model"]), "step": meta["step"]})
     print(
         f"wrote {len(state)} tensors ({sum(t.numel() for t in state.values()):,} parameters) of step "

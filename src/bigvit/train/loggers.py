@@ -10,7 +10,7 @@ import os
 import uuid
 from pathlib import Path
 
-from bigvit.errors import ConfigError
+from bigvit.extras import require
 
 log = logging.getLogger("bigvit")
 
@@ -143,12 +143,9 @@ class TensorBoardLogger:
     """Scalars in `<run_dir>/tensorboard` (`tensorboard --logdir outputs`); needs `pip install bigvit[tensorboard]`."""
 
     def __init__(self, run_dir: Path):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as missing:
-            raise ConfigError(
-                "logger.tensorboard=true needs the tensorboard package: pip install 'bigvit[tensorboard]'"
-            ) from missing
+        require("tensorboard", "logger.tensorboard=true")
+        from torch.utils.tensorboard import SummaryWriter
+
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
     def log(self, metrics: dict, step: int) -> None:

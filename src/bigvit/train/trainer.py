@@ -15,13 +15,16 @@ from omegaconf import OmegaConf
 from bigvit.config import local_batch_size, validate
 from bigvit.data import build_data, prepare
 from bigvit.data.resolution import ResolutionSchedule, Stage, scheduled_batch
+from bigvit.errors import ConfigError
 from bigvit.models.registry import build_model, count_params
 from bigvit.optim import apply_lr, lr_factor, param_groups, schedule_args
 from bigvit.optim.lean import LeanAdam
+from bigvit.optim.schedule import warmup_warning
 from bigvit.parallel.distributed import DistEnv, all_reduce, barrier
 from bigvit.parallel.mesh import build_mesh, resolve_dims
 from bigvit.parallel.parallelize import DTYPES
 from bigvit.scaling.flops import train_flops
+from bigvit.train import chaos
 from bigvit.train.checkpoint import Checkpointer, rng_state, set_rng_state
 from bigvit.train.engine import build_engine
 from bigvit.train.loggers import build_loggers, console_line
@@ -48,6 +51,8 @@ class Trainer:
         validate(cfg)
         self.cfg, self.env, self.run_dir = cfg, env, run_dir
         tcfg = cfg.trainer
+        if env.is_main and (warning := warmup_warning(cfg.schedule, tcfg.max_steps)):
+            log.warning(warning)
         self.dims = resolve_dims(cfg.parallel, env.world_size)
         dp_rank = env.rank // (self.dims.cp * self.dims.tp)  # ranks sharing a cp×tp group read the same data
         # Drop-path and patch-dropout draws differ between data-parallel ranks but not within a tp×cp
@@ -69,12 +74,23 @@ class Trainer:
             cfg.data, rank=dp_rank, world_size=self.dims.dp, local_batch=self.local_batch, seed=tcfg.seed
         )
         self.checkpoint_at = set(tcfg.get("checkpoint_at") or ())
+        asynchronous = bool(tcfg.get("checkpoint_async", False))
+        if asynchronous and not self.engine.saves_async:
+            raise ConfigError(
+                f"trainer.checkpoint_async=true needs DCP's async save, which parallel.strategy="
+                f"{cfg.parallel.strategy} does not use; set trainer.checkpoint_async=false"
+            )
         self.checkpointer = Checkpointer(
-            run_dir / "checkpoints", env.rank, tcfg.keep_checkpoints, pinned=tuple(self.checkpoint_at)
+            run_dir / "checkpoints",
+            env.rank,
+            tcfg.keep_checkpoints,
+            pinned=tuple(self.checkpoint_at),
+            asynchronous=asynchronous,
         )
         self.logger = build_loggers(
             cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True), env.is_main
         )
+        self.checkpointer.on_complete = self.logger.checkpoint
         self.step = 0
         self.stop = StopSignal(env.device)
         if env.is_main:
@@ -101,6 +117,7 @@ class Trainer:
         )
         if len(self.resolution.stages) > 1:
             log.info("resolution schedule: %s", self.resolution.describe(tcfg.max_steps))
+        chaos.install(self)  # fault injection for resume tests; off unless BIGVIT_CHAOS is set
 
     def step_flops(self, image_size: int) -> tuple[int, int]:
         """(model, executed) training FLOPs per image at `image_size`. Executed FLOPs also count what
@@ -153,6 +170,7 @@ class Trainer:
                 elif log_step and self.stop.requested():  # agreed where the loop syncs anyway, not every step
                     self.stop_for_preemption()
                 watchdog.beat(self.step)
+        self.checkpointer.finish()  # an asynchronous save still in flight completes
         if not eval_metrics:  # resumed at the final step: still report the model's quality
             eval_metrics = self.evaluate()
         summary = self.summary(metrics, eval_metrics, time.perf_counter() - start, first_step)
@@ -178,6 +196,7 @@ class Trainer:
     def stop_for_preemption(self) -> NoReturn:
         """A scheduler asked to stop: checkpoint, leave the marker launch scripts requeue on, leave."""
         self.save()
+        self.checkpointer.finish()
         self.logger.finish()
         signal_name = self.stop.received or "a signal on another rank"
         if self.env.is_main:
@@ -266,11 +285,14 @@ class Trainer:
         }
 
     def save(self) -> None:
+        start = time.perf_counter()
         path = self.checkpointer.save(
             self.step, self.engine, {"rng": rng_state()}, self.checkpoint_meta(), self.data.train.state_dict()
         )
-        log.info("checkpoint step %d → %s", self.step, path)
-        self.logger.checkpoint(path, self.step)
+        stall = time.perf_counter() - start  # what training waited for (asynchronous: the staging)
+        writing = " (writing in the background)" if self.checkpointer.pending else ""
+        log.info("checkpoint step %d → %s | stall %.2f s%s", self.step, path, stall, writing)
+        self.logger.log({"checkpoint/stall_s": stall}, self.step)
 
     def resume(self) -> None:
         """Continue from trainer.resume (auto: the newest checkpoint in the run dir); with none, start from
@@ -284,6 +306,12 @@ class Trainer:
             log.info("branching from %s (trainer.branch_from)", path)
         if path is None:
             return
+        if not path.exists():  # a mistyped path: name the key (a damaged checkpoint names its file)
+            key = "trainer.resume" if setting not in ("auto", "never") else "trainer.branch_from"
+            raise ConfigError(
+                f"{key}={path}: no such checkpoint; give a checkpoint directory (<run_dir>/checkpoints/step_N)"
+                + (", or trainer.resume=auto | never" if key == "trainer.resume" else "")
+            )
         expect = {"model": self.model_cfg.to_dict()}
         self.step, rank_state, data_state = self.checkpointer.load(path, self.engine, expect=expect)
         if data_state is not None:

@@ -27,6 +27,9 @@ class StepWatchdog:
     def __init__(self, timeout_s: float | None, action: str = "abort", rank: int = 0):
         if action not in ACTIONS:
             raise ConfigError(f"trainer.watchdog_action={action!r} is not one of {list(ACTIONS)}")
+        # A negative timeout would flag (and with abort, end) a healthy run at its first check.
+        if timeout_s is not None and (not isinstance(timeout_s, int | float) or timeout_s < 0):
+            raise ConfigError(f"trainer.watchdog_s={timeout_s!r} must be a number of seconds > 0, or null (off)")
         self.timeout_s, self.action, self.rank = timeout_s, action, rank
         self.step, self.last_beat = 0, time.monotonic()
         self.stopped = threading.Event()
