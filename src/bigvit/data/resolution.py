@@ -67,9 +67,6 @@ class ResolutionSchedule:
         """The stage step `step` (0-based: the step about to run) trains in."""
         return next(s for s in reversed(self.stages) if s.start_step <= step)
 
-    def sizes(self) -> list[int]:
-        return sorted({s.image_size for s in self.stages})
-
     def images_by_size(self, step: int, global_batch: int) -> dict[int, int]:
         """Images the first `step` steps read, by image size."""
         images: dict[int, int] = {}

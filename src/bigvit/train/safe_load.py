@@ -82,10 +82,16 @@ def read_metadata(path: Path) -> dcp_metadata.Metadata:
 
 
 class SafeFileSystemReader(FileSystemReader):
-    """DCP's file reader with the metadata read by MetadataUnpickler."""
+    """DCP's file reader with the metadata read by MetadataUnpickler (or given, already read so)."""
+
+    def __init__(self, path: Path, metadata: dcp_metadata.Metadata | None = None):
+        super().__init__(path)
+        self.metadata = metadata
 
     def read_metadata(self, *args, **kwargs) -> dcp_metadata.Metadata:
-        metadata = read_metadata(Path(self._get_metadata_path(kwargs.get("rank"))))
+        rank = kwargs.get("rank")
+        given = self.metadata if rank is None else None
+        metadata = given or read_metadata(Path(self._get_metadata_path(rank)))
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = dcp_metadata.StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -119,9 +125,10 @@ def load_dcp(state: dict, path: Path, no_dist: bool = False) -> None:
     path = Path(path)
     if not (path / ".metadata").is_file():
         raise CheckpointError(f"{path} holds no DCP checkpoint (no .metadata)")
-    read_metadata(path / ".metadata")  # refused here, before DCP, which logs and retries a failed read
+    metadata = read_metadata(path / ".metadata")  # refused here, before DCP, which logs and retries a failed read
+    reader = SafeFileSystemReader(path, metadata)
     try:
-        dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner(path), no_dist=no_dist)
+        dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(path), no_dist=no_dist)
     except CheckpointError:
         raise
     except CheckpointException as error:  # DCP wraps each rank's failure with its stack
