@@ -21,6 +21,8 @@ SMALL = dict(image_size=64, patch_size=8, width=64, depth=3, mlp_dim=96, heads=4
 OPTIONS = {
     "registers": dict(num_registers=4),
     "gap": dict(pool="gap"),
+    "gap_fc_norm": dict(pool="gap", class_token=False, fc_norm=True),
+    "map_fc_norm": dict(pool="map", class_token=False, fc_norm=True),
     "map": dict(pool="map", class_token=False),
     "layer_scale": dict(layer_scale=1e-5),
     "qk_norm": dict(qk_norm=True),

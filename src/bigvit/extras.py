@@ -13,6 +13,9 @@ EXTRAS = {
     "flash_attn": ("flash-attn", "gpu"),
     "tensorboard": ("tensorboard", "tensorboard"),
     "matplotlib": ("matplotlib", "plot"),
+    "onnx": ("onnx", "onnx"),
+    "onnxscript": ("onnxscript", "onnx"),
+    "onnxruntime": ("onnxruntime", "onnx"),
     "hydra_plugins.hydra_submitit_launcher": ("hydra-submitit-launcher", "slurm"),
 }
 

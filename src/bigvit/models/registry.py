@@ -8,6 +8,8 @@ import torch
 import yaml
 
 from bigvit.errors import ConfigError, did_you_mean
+from bigvit.models.convert import check_state_dict, import_safetensors
+from bigvit.models.resample import adapt_state_dict
 from bigvit.models.vit import ViT, ViTConfig
 
 MODEL_CONF_DIR = Path(__file__).resolve().parent.parent / "conf" / "model"
@@ -36,12 +38,31 @@ def model_config(name_or_cfg: str | dict | ViTConfig, **overrides) -> ViTConfig:
 
 
 def build_model(
-    name_or_cfg: str | dict | ViTConfig, device: str | torch.device | None = None, **overrides
+    name_or_cfg: str | dict | ViTConfig,
+    device: str | torch.device | None = None,
+    weights: str | Path | None = None,
+    **overrides,
 ) -> ViT:
-    """Build a ViT. With device="meta" no memory is allocated (sizes, planning, later sharding)."""
+    """Build a ViT. With device="meta" no memory is allocated (sizes, planning, later sharding).
+
+    `weights`: a .safetensors file of full bigvit tensors (bigvit-export, bigvit-convert) loaded into it;
+    position embeddings are resampled (and patch kernels resized) where the model's grid differs, and a
+    CheckpointError names every missing or unexpected key and shape mismatch.
+    """
     cfg = model_config(name_or_cfg, **overrides)
     with torch.device(device or "cpu"):
-        return ViT(cfg)
+        model = ViT(cfg)
+    if weights is not None:
+        load_weights(model, weights)
+    return model
+
+
+def load_weights(model: ViT, path: str | Path) -> list[str]:
+    """Load a full-weights .safetensors file into `model` exactly; returns the notes of what was adapted."""
+    state, notes = adapt_state_dict(import_safetensors(path), model.cfg)
+    check_state_dict(state, model.state_dict(), str(path))
+    model.load_state_dict(state, strict=True, assign=next(model.parameters()).is_meta)
+    return notes
 
 
 def count_params(model: torch.nn.Module) -> int:

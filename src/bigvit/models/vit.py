@@ -36,6 +36,7 @@ class ViTConfig:
     num_classes: int = 1000
     class_token: bool = True
     pool: str = "cls"
+    fc_norm: bool = False  # the final norm applies to the pooled feature, not every token (timm's MAE fine-tunes)
     num_registers: int = 0
     qkv_bias: bool = True
     proj_bias: bool = True
@@ -295,7 +296,8 @@ class MAPHead(nn.Module):
 
 
 class ViT(nn.Module):
-    """Patch embedding → [class token, registers] + learned positions → blocks → norm → pool → head.
+    """Patch embedding → [class token, registers] + learned positions → blocks → norm → pool → head
+    (with cfg.fc_norm: blocks → pool → norm → head, timm's `fc_norm`).
 
     `token_multiple`: the blocks run on the sequence padded with trailing tokens to a multiple of it
     (a layout that shards tokens sets it to its shard degree); padding is masked out of attention and
@@ -358,11 +360,12 @@ class ViT(nn.Module):
             x = torch.cat([x, x.new_zeros(x.shape[0], padded - tokens, x.shape[2])], dim=1)
         for block in self.blocks:
             x = block(x, valid_tokens=valid)
-        x = self.norm(x)
+        x = x if self.cfg.fc_norm else self.norm(x)  # fc_norm: forward() norms the pooled feature
         return x[:, :tokens] if valid else x
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pool(self.forward_features(images)))
+        pooled = self.pool(self.forward_features(images))
+        return self.head(self.norm(pooled) if self.cfg.fc_norm else pooled)
 
     @torch.no_grad()
     def init_parameter_(self, name: str, tensor: torch.Tensor, generator: torch.Generator) -> None:

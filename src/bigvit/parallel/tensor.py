@@ -171,5 +171,7 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = Tr
             },
         )
     parallelize_module(model.patch_drop, tp_mesh, LocalModule())
-    # Embeddings, final norm, pooling and head: replicated, run on replicated DTensors.
+    # Embeddings, final norm, pooling and head: replicated, run on replicated DTensors. The last block
+    # hands back a replicated (gathered) stream, so the final norm sees whole sequences, or with
+    # model.fc_norm the pooled features, under sequence parallel as without it.
     parallelize_module(model, tp_mesh, ReplicatedModel())

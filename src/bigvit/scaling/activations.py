@@ -249,6 +249,8 @@ def head_activation_bytes(cfg: ViTConfig, layout: ActivationLayout) -> int:
     """Final norm (on the whole sequence again), pooling, classifier and the cross-entropy loss."""
     b, s, mm = layout.micro_batch, layout.stream_bytes, layout.matmul_bytes
     rows, w = b * sequence_tokens(cfg, layout), cfg.width
+    if cfg.fc_norm:
+        return _fc_norm_head_bytes(cfg, layout)
     total = rows * (w * s + 2 * STAT_BYTES)
     if cfg.pool == "map":
         total += _map_head_bytes(cfg, layout)
@@ -259,6 +261,24 @@ def head_activation_bytes(cfg: ViTConfig, layout: ActivationLayout) -> int:
     if cfg.num_classes:
         # Log-softmax of the fp32 logits, the targets, and the loss's fp32 total-weight scalar.
         total += b * (cfg.num_classes * FP32 + LABEL_BYTES) + FP32
+    return total
+
+
+def _fc_norm_head_bytes(cfg: ViTConfig, layout: ActivationLayout) -> int:
+    """Pooling straight off the last block, the final norm on the pooled feature (model.fc_norm),
+    classifier and loss."""
+    b, s, mm = layout.micro_batch, layout.stream_bytes, layout.matmul_bytes
+    rows, w = b * sequence_tokens(cfg, layout), cfg.width
+    if cfg.pool == "map":
+        total = _map_head_bytes(cfg, layout)  # its residual sum is now the norm's input
+    elif cfg.pool == "cls":
+        total = rows * w * s  # the norm keeps the class token, a view of the whole last-block output
+    else:
+        total = b * w * s  # the mean (its own backward keeps nothing), which the norm keeps
+    total += b * 2 * STAT_BYTES
+    if cfg.num_classes:
+        # The norm output the classifier reads; log-softmax of the fp32 logits, targets, the fp32 total weight.
+        total += b * w * mm + b * (cfg.num_classes * FP32 + LABEL_BYTES) + FP32
     return total
 
 

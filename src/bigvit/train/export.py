@@ -1,4 +1,5 @@
-"""`bigvit-export CHECKPOINT OUT.safetensors`: full (unsharded) weights of any bigvit checkpoint.
+"""`bigvit-export CHECKPOINT OUT [--format safetensors|onnx] [--batch N|dynamic]`: full (unsharded)
+weights of any bigvit checkpoint as safetensors, or its eval-mode graph as ONNX.
 
 Runs in one process without a process group: torch.distributed.checkpoint reassembles the shards
 that any layout wrote, by parameter name.
@@ -11,9 +12,11 @@ import json
 import warnings
 from pathlib import Path
 
+from bigvit.errors import ConfigError
 from bigvit.models.convert import export_safetensors
 from bigvit.models.registry import build_model
 from bigvit.train.checkpoint import META_FILE, CheckpointError, checkpoint_dirs
+from bigvit.train.onnx_export import export_onnx
 from bigvit.train.safe_load import load_dcp, read_json
 
 
@@ -43,14 +46,29 @@ def load_full_state(checkpoint: Path) -> tuple[dict, dict]:
     return state["model"], meta
 
 
+def write_onnx(state: dict, meta: dict, out: Path, batch: str) -> str:
+    """Export the checkpoint's model with weights `state` as ONNX; returns the summary line."""
+    if batch != "dynamic" and not (batch.isdigit() and int(batch) > 0):
+        raise ConfigError(f"--batch {batch!r} must be a positive integer or 'dynamic'")
+    model = build_model(meta["model"])
+    model.load_state_dict(state, strict=True)
+    export_onnx(model, out, batch if batch == "dynamic" else int(batch))
+    return f"wrote the ONNX graph of step {meta['step']} (batch {batch}) to {out}"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="bigvit-export", description=__doc__)
     parser.add_argument("checkpoint", type=Path, help="checkpoint dir, run dir, or run_dir/checkpoints")
-    parser.add_argument("out", type=Path, help="output .safetensors file")
+    parser.add_argument("out", type=Path, help="output .safetensors (or .onnx) file")
+    parser.add_argument("--format", choices=("safetensors", "onnx"), default="safetensors")
+    parser.add_argument("--batch", default="1", help="ONNX batch size: N or 'dynamic'")
     args = parser.parse_args(argv)
     try:
         state, meta = load_full_state(resolve_checkpoint(args.checkpoint))
-    except CheckpointError as error:
+        if args.format == "onnx":
+            print(write_onnx(state, meta, args.out, args.batch))
+            return
+    except (CheckpointError, ConfigError) as error:
         raise SystemExit(f"bigvit: error: {error}") from None
     export_safetensors(state, args.out, {"model": json.dumps(meta["model"]), "step": meta["step"]})
     print(
