@@ -138,6 +138,11 @@ def from_big_vision(arrays: dict[str, np.ndarray], cfg: ViTConfig) -> dict[str, 
     check against the model then names them)."""
     tree = {key.removeprefix("params/"): torch.from_numpy(np.asarray(value, dtype=np.float32)) for key, value in arrays.items()}
     tree = _unscan(tree)
+    if "embedding/kernel" in tree and "pos_embedding" not in tree:
+        raise CheckpointError(
+            "the big_vision checkpoint has no pos_embedding (posemb='sincos2d' or none): bigvit's ViT "
+            "learns its positions; only posemb='learn' checkpoints convert"
+        )
     out: dict[str, torch.Tensor] = {}
     for key in list(tree):
         if key.startswith("Transformer/encoderblock_"):
