@@ -107,6 +107,7 @@ def validate(cfg) -> None:
         check_positive(f"trainer.{key}", cfg.trainer[key])
     for key in ("eval_every", "checkpoint_every", "keep_checkpoints"):
         check_positive(f"trainer.{key}", cfg.trainer[key], allow_zero=True)
+    check_positive("trainer.fewshot_every", cfg.trainer.get("fewshot_every", 0), allow_zero=True)
     check_trainer(cfg.trainer)
     check_data_and_model(cfg)
     check_optim(cfg.optim)

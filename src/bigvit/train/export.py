@@ -30,31 +30,37 @@ def resolve_checkpoint(path: Path) -> Path:
     )
 
 
-def load_full_state(checkpoint: Path) -> tuple[dict, dict]:
-    """(full model state dict, checkpoint metadata)."""
+def load_full_state(checkpoint: Path, ema: bool = False) -> tuple[dict, dict]:
+    """(full model state dict, checkpoint metadata); `ema`: with the EMA of the weights (train/ema.py)
+    in place of the live parameters."""
     meta = read_json(checkpoint / META_FILE)
     if not isinstance(meta.get("model"), dict):
         raise CheckpointError(f"{checkpoint / META_FILE} names no model config (key 'model')")
     model = build_model(meta["model"])
     state = {"model": model.state_dict()}
+    if ema:
+        if not meta.get("ema"):
+            raise CheckpointError(f"checkpoint {checkpoint} holds no EMA weights: it was trained with ema.decay=0")
+        state["ema"] = {name: p.detach().clone() for name, p in model.named_parameters()}
     with warnings.catch_warnings():  # reading a sharded checkpoint in one process is the point here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         load_dcp(state, checkpoint, no_dist=True)
-    return state["model"], meta
+    return ({**state["model"], **state["ema"]} if ema else state["model"]), meta
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="bigvit-export", description=__doc__)
     parser.add_argument("checkpoint", type=Path, help="checkpoint dir, run dir, or run_dir/checkpoints")
     parser.add_argument("out", type=Path, help="output .safetensors file")
+    parser.add_argument("--ema", action="store_true", help="the EMA of the weights instead of the live ones")
     args = parser.parse_args(argv)
     try:
-        state, meta = load_full_state(resolve_checkpoint(args.checkpoint))
+        state, meta = load_full_state(resolve_checkpoint(args.checkpoint), ema=args.ema)
     except CheckpointError as error:
         raise SystemExit(f"bigvit: error: {error}") from None
     export_safetensors(state, args.out, {"model": json.dumps(meta["model"]), "step": meta["step"]})
     print(
-        f"wrote {len(state)} tensors ({sum(t.numel() for t in state.values()):,} parameters) of step "
+        f"wrote {len(state)} {'EMA ' if args.ema else ''}tensors ({sum(t.numel() for t in state.values()):,} parameters) of step "
         f"{meta['step']} to {args.out}"
     )
 
