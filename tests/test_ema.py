@@ -44,7 +44,9 @@ def ema_params(run_dir, step: int | None = None) -> dict[str, torch.Tensor]:
 def single(tmp_path_factory):
     """One process, a checkpoint after every step: the live weights the EMA must average."""
     run_dir = tmp_path_factory.mktemp("ema") / "single"
-    run_train(run_dir, [*COMMON, "parallel=single", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=0"])
+    run_train(
+        run_dir, [*COMMON, "parallel=single", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=0"]
+    )
     return run_dir
 
 

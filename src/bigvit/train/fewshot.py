@@ -111,6 +111,14 @@ def lockstep_batches(loader: Iterable[dict], device: torch.device) -> Iterator[d
         yield batch
 
 
+def image_keys(images: torch.Tensor) -> torch.Tensor:
+    """An exact integer fingerprint of each image (its float bits, hashed by an integer dot product that no
+    summation order changes): the canonical order of a pass, whatever layout and batches produced it."""
+    bits = images.float().contiguous().flatten(1).view(torch.int32).long() % 65521
+    weights = torch.randint(1, 65521, (bits.shape[1],), generator=torch.Generator().manual_seed(0))
+    return (bits * weights.to(bits.device)).sum(dim=1).cpu()
+
+
 @torch.no_grad()
 def collect_features(
     loader: Iterable[dict],
@@ -119,9 +127,10 @@ def collect_features(
     device: torch.device,
     group_size: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features, labels) on the CPU of every sample of a pass, from all ranks (collective). Ranks of one
+    """(features, labels) on the CPU of every sample of a pass, from all ranks (collective), in an order
+    that depends on the images only (so seeded draws pick the same samples under any layout). Ranks of one
     `group_size` block (a tp×cp group) see the same samples: only each block's first rank contributes."""
-    features, labels, filler = [], [], None
+    features, labels, keys, filler = [], [], [], None
     for batch in lockstep_batches(loader, device):
         real = batch is not None
         batch = batch if real else filler
@@ -132,17 +141,16 @@ def collect_features(
             keep = batch_labels >= 0  # a batch of skip counts alone carries no samples
             features.append(out[keep].cpu())
             labels.append(batch_labels[keep].cpu())
-    mine = (
-        (torch.cat(features), torch.cat(labels))
-        if features
-        else (torch.zeros(0, 0), torch.zeros(0, dtype=torch.long))
-    )
-    if not dist.is_initialized():
-        return mine
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, mine if dist.get_rank() % group_size == 0 else None)
-    parts = [p for p in parts if p is not None and len(p[1])]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            keys.append(image_keys(images[keep]))
+    parts = [(torch.cat(features), torch.cat(labels), torch.cat(keys))] if features else []
+    if dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, parts if dist.get_rank() % group_size == 0 else [])
+        parts = [part for rank_parts in gathered for part in rank_parts]
+    if not parts:
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
+    order = torch.cat([p[2] for p in parts]).argsort(stable=True)
+    return torch.cat([p[0] for p in parts])[order], torch.cat([p[1] for p in parts])[order]
 
 
 def feature_model(module: torch.nn.Module):
@@ -186,7 +194,8 @@ class FewShotEvaluation:
             len(support[1]),
             len(query[1]),
         )
-        return {f"fewshot_{k}shot_error": e for k, e in errors.items()}
+        counts = {"fewshot_support_samples": len(support[1]), "fewshot_query_samples": len(query[1])}
+        return {**{f"fewshot_{k}shot_error": e for k, e in errors.items()}, **counts}
 
 
 def errors_for(settings: dict, support, query, num_classes: int) -> dict[int, float]:
