@@ -24,6 +24,7 @@ COMMON = [
     "data.batch_size=8",
     "data.eval_samples=16",
     "trainer.max_steps=10",
+    "trainer.eval_every=4",  # EMA swapped in and out mid-run: training must go on with the live weights
     "trainer.precision=fp32",
     "optim=sgd",
     "optim.lr=0.5",

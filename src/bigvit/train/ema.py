@@ -14,6 +14,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from bigvit.config import check_number, check_positive
@@ -38,6 +39,7 @@ class EMA:
         with torch.no_grad():
             self.shadow = [p.detach().clone() for p in self.params]
         self.decay, self.warmup, self.every = decay, warmup, every
+        self.model = model
 
     def decay_at(self, updates: int) -> float:
         return min(self.decay, (1 + updates) / (10 + updates)) if self.warmup else self.decay
@@ -57,11 +59,13 @@ class EMA:
         with torch.no_grad():
             backup = [t.clone() for t in live]
             torch._foreach_copy_(live, [local(s) for s in self.shadow])
+        reshard(self.model)
         try:
             yield
         finally:
             with torch.no_grad():
                 torch._foreach_copy_(live, backup)
+            reshard(self.model)
 
     # Component state for the engine's checkpoint (TorchEngine.extra_state): DCP loads in place.
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -72,6 +76,14 @@ class EMA:
             for name, shadow in zip(self.names, self.shadow, strict=True):
                 if state[name] is not shadow:
                     shadow.copy_(state[name])
+
+
+def reshard(model: nn.Module) -> None:
+    """Drop FSDP2's gathered copies (the root and last block keep theirs after a forward without backward),
+    so that the next forward gathers the shards just written."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def check_ema(cfg) -> None:
