@@ -2,6 +2,7 @@
 resumed exactly, evaluated beside the live weights, exported with --ema."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -85,13 +86,19 @@ def test_fsdp_ema_matches_single_process(single, fsdp):
     assert any("eval/ema_top1" in row for row in logged)
 
 
-def test_fsdp_resume_reproduces_the_ema_bit_for_bit(tmp_path, fsdp):
-    run_dir = tmp_path / "resumed"
+def test_fsdp_resume_reproduces_the_ema_bit_for_bit_and_reshards_to_one_process(tmp_path, fsdp):
+    run_dir, elsewhere = tmp_path / "resumed", tmp_path / "resumed_single"
     run_train(run_dir, [*COMMON, "parallel=fsdp", "trainer.stop_step=5"], nproc=2)
+    shutil.copytree(run_dir, elsewhere)
     run_train(run_dir, [*COMMON, "parallel=fsdp"], nproc=2)
     expected, got = ema_params(fsdp), ema_params(run_dir)
     for name, tensor in expected.items():
         assert torch.equal(got[name], tensor), name
+    # The sharded shadows load by name into one process's full ones (DCP reshards them like the model).
+    run_train(elsewhere, [*COMMON, "parallel=single"])
+    got = ema_params(elsewhere)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-6, msg=name)
 
 
 def test_tensor_parallel_run_with_ema_and_export(tmp_path, single):
