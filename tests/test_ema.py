@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 DECAY = 0.8
 # Plain SGD with a moderate step: the live weights of the layouts agree to fp32 rounding, and they move
 # far enough in 10 steps that the EMA is far from both the initial and the final weights.
-COMMON = [
+TRAIN = [
     *TINY,
     "data=synthetic",
     "data.batch_size=8",
@@ -30,10 +30,8 @@ COMMON = [
     "optim=sgd",
     "optim.lr=0.5",
     "optim.momentum=0.0",
-    "ema=on",
-    f"ema.decay={DECAY}",
-    "ema.warmup=true",
 ]
+COMMON = [*TRAIN, "ema=on", f"ema.decay={DECAY}", "ema.warmup=true"]
 
 
 def ema_params(run_dir, step: int | None = None) -> dict[str, torch.Tensor]:
@@ -119,11 +117,18 @@ def test_tensor_parallel_run_with_ema_and_export(tmp_path, single):
     assert any(not torch.equal(exported[n], live[n]) for n in live)
 
 
-def test_export_ema_refuses_a_run_without_ema(tmp_path, capsys):
-    run_dir = tmp_path / "plain"
-    run_train(run_dir, [*TINY, "parallel=single", "trainer.max_steps=1"])
+def test_a_branch_of_a_run_without_ema_starts_the_ema_at_its_weights(tmp_path):
+    """bigvit-export --ema refuses the plain run; a branch of it with ema=on averages from its weights."""
+    plain, branch = tmp_path / "plain", tmp_path / "branch"
+    run_train(plain, [*TRAIN, "parallel=single", "trainer.max_steps=2"])
     with pytest.raises(SystemExit, match="holds no EMA weights.*ema.decay=0"):
-        export_main([str(run_dir), str(tmp_path / "x.safetensors"), "--ema"])
+        export_main([str(plain), str(tmp_path / "x.safetensors"), "--ema"])
+    start = checkpoint_dirs(plain / "checkpoints")[-1]
+    run_train(branch, [*COMMON, "parallel=single", "trainer.max_steps=3", f"trainer.branch_from={start}"])
+    decay = min(DECAY, 3 / 12)  # the warm-up counts updates from step 0: this is update n=2
+    loaded, live, got = final_params(plain), final_params(branch), ema_params(branch)
+    for name, tensor in got.items():
+        torch.testing.assert_close(tensor, decay * loaded[name] + (1 - decay) * live[name], rtol=0, atol=1e-6)
 
 
 def test_engines_without_component_state_refuse_ema():

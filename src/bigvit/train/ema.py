@@ -30,7 +30,8 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
 
 class EMA:
     """shadow ← decay·shadow + (1−decay)·param every `every` steps; `warmup` ramps the decay as timm's
-    ModelEmaV2/BEiT do, min(decay, (1+n)/(10+n)) after n updates, so early weights do not linger."""
+    ModelEmaV2/BEiT do, min(decay, (1+n)/(10+n)) after n updates counted from step 0 (also on a branch),
+    so early weights do not linger."""
 
     def __init__(self, model: nn.Module, decay: float, warmup: bool = False, every: int = 1):
         named = [(clean_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
@@ -76,6 +77,13 @@ class EMA:
             for name, shadow in zip(self.names, self.shadow, strict=True):
                 if state[name] is not shadow:
                     shadow.copy_(state[name])
+
+
+    @torch.no_grad()
+    def start_from_loaded(self) -> None:
+        """A checkpoint without EMA state (a branch of a run without one): the average starts at its weights."""
+        log.warning("the checkpoint holds no EMA of the weights: the EMA starts from its weights")
+        torch._foreach_copy_([local(s) for s in self.shadow], [local(p) for p in self.params])
 
 
 def reshard(model: nn.Module) -> None:
