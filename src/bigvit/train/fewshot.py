@@ -164,16 +164,17 @@ def feature_model(module: torch.nn.Module):
 class FewShotEvaluation:
     """The trainer's few-shot probe: `fewshot_{k}shot_error` for each configured k."""
 
-    def __init__(self, cfg, num_classes: int):
+    def __init__(self, cfg, num_classes: int, data, data_kind: str):
         self.settings, self.num_classes = check_fewshot(cfg), num_classes
+        if data.make_support is None or data.make_eval is None:  # refused at start-up, not at the first probe
+            missing = "evaluation split" if data.make_eval is None else "support pass over its training split"
+            raise ConfigError(
+                f"trainer.fewshot_every needs a training and an evaluation split; data.kind={data_kind} has no "
+                f"{missing}: set trainer.fewshot_every=0"
+            )
 
     def __call__(self, trainer) -> dict:
         data = trainer.data
-        if data.make_support is None or data.make_eval is None:
-            raise ConfigError(
-                f"trainer.fewshot_every needs a training and an evaluation split to read; data.kind="
-                f"{trainer.cfg.data.kind} has {'no evaluation split' if data.make_eval is None else 'no support pass'}"
-            )
         vit = feature_model(trainer.engine.model)
         group = trainer.dims.cp * trainer.dims.tp
         vit.features_only = True

@@ -252,7 +252,8 @@ class Trainer:
             if self.ema is not None:
                 found.append((tcfg.eval_every, EMAEvaluation(self.ema)))
         if tcfg.get("fewshot_every"):
-            found.append((tcfg.fewshot_every, FewShotEvaluation(self.cfg.get("fewshot"), self.model_cfg.num_classes)))
+            probe = FewShotEvaluation(self.cfg.get("fewshot"), self.model_cfg.num_classes, self.data, self.cfg.data.kind)
+            found.append((tcfg.fewshot_every, probe))
         return found
 
     def classification(self) -> dict:
