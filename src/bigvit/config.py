@@ -41,6 +41,21 @@ def check_number(key: str, value, low: float, high: float = float("inf"), open_l
         raise ConfigError(f"{key}={value!r} must be a number in {'(' if open_low else '['}{low}, {high})")
 
 
+def check_init_weights(cfg) -> None:
+    """trainer.init_weights: set where a preset requires it (init_weights_required), PyTorch engines only."""
+    if cfg.trainer.get("init_weights_required") and not cfg.trainer.get("init_weights"):
+        raise ConfigError(
+            "trainer.init_weights is not set: this run starts from weights; give trainer.init_weights=PATH "
+            "(a .safetensors file from bigvit-export / bigvit-convert, a bigvit run dir or a checkpoint dir)"
+        )
+    if cfg.trainer.get("init_weights") and cfg.parallel.strategy == "deepspeed":
+        raise ConfigError(
+            "trainer.init_weights loads into the PyTorch engines; with parallel.strategy=deepspeed use "
+            "parallel=fsdp | ddp | single (or start DeepSpeed from a bigvit checkpoint: trainer.branch_from)"
+        )
+    check_patterns("trainer.init_fresh", cfg.trainer.get("init_fresh") or [])
+
+
 def check_trainer(cfg) -> None:
     if cfg.get("stop_step") is not None:
         check_positive("trainer.stop_step", cfg.stop_step, allow_zero=True)
@@ -108,6 +123,7 @@ def validate(cfg) -> None:
     for key in ("eval_every", "checkpoint_every", "keep_checkpoints"):
         check_positive(f"trainer.{key}", cfg.trainer[key], allow_zero=True)
     check_trainer(cfg.trainer)
+    check_init_weights(cfg)
     check_data_and_model(cfg)
     check_optim(cfg.optim)
     check_positive("logger.console_every", cfg.logger.console_every)

@@ -27,6 +27,7 @@ from bigvit.scaling.flops import train_flops
 from bigvit.train import chaos
 from bigvit.train.checkpoint import Checkpointer, rng_state, set_rng_state
 from bigvit.train.engine import build_engine
+from bigvit.train.init_weights import load_initial_weights
 from bigvit.train.loggers import build_loggers, console_line
 from bigvit.train.metrics import Throughput, live_tensor_bytes, peak_flops, peak_memory_bytes
 from bigvit.train.preemption import Preempted, StopSignal, clear_preempted, mark_preempted
@@ -305,6 +306,7 @@ class Trainer:
             path = Path(branch_from)
             log.info("branching from %s (trainer.branch_from)", path)
         if path is None:
+            self.start_from_weights()
             return
         if not path.exists():  # a mistyped path: name the key (a damaged checkpoint names its file)
             key = "trainer.resume" if setting not in ("auto", "never") else "trainer.branch_from"
@@ -321,6 +323,12 @@ class Trainer:
         else:
             log.warning("checkpoint %s came from another world size: the RNG streams start afresh", path)
         log.info("resumed from %s at step %d", path, self.step)
+
+    def start_from_weights(self) -> None:
+        """A fresh run starts from trainer.init_weights where set (a resumed run continues from its checkpoint)."""
+        path = self.cfg.trainer.get("init_weights")
+        if path:
+            load_initial_weights(self.engine.model, path, self.model_cfg, self.cfg.trainer.get("init_fresh") or ())
 
     def summary(self, metrics: dict, eval_metrics: dict, wall_seconds: float, first_step: int) -> dict:
         examples, flops_per_image = self.seen()
