@@ -10,6 +10,7 @@ from bigvit.models.vit import ViTConfig
 from bigvit.optim.schedule import SCHEDULES, lr_factor, schedule_args
 from bigvit.parallel.parallelize import AC_MODES, DTYPES, STRATEGIES
 from bigvit.train.loggers import CHECKPOINT_ARTIFACTS
+from bigvit.train.objectives import DISTILLATION
 from bigvit.train.watchdog import ACTIONS as WATCHDOG_ACTIONS
 
 OPTIMIZERS = ("adamw", "sgd", "lean")
@@ -54,6 +55,23 @@ def check_init_weights(cfg) -> None:
             "parallel=fsdp | ddp | single (or start DeepSpeed from a bigvit checkpoint: trainer.branch_from)"
         )
     check_patterns("trainer.init_fresh", cfg.trainer.get("init_fresh") or [])
+
+
+def check_distill(cfg) -> None:
+    """distill.*: the group's choice, the mixing weight and temperature, and a teacher to read."""
+    distill = cfg.get("distill")
+    if distill is None:
+        return
+    check_choice("distill.name", distill.name, DISTILLATION)
+    if distill.name == "none":
+        return
+    check_number("distill.alpha", distill.alpha, 0.0, 1.0 + 1e-12)
+    check_number("distill.temperature", distill.temperature, 0.0, open_low=True)
+    if not distill.teacher.get("weights"):
+        raise ConfigError(
+            "distill.teacher.weights is not set: give the teacher's weights, a .safetensors file "
+            "(bigvit-export, bigvit-convert) or a bigvit run dir, e.g. distill.teacher.weights=outputs/<date>/<run>"
+        )
 
 
 def check_trainer(cfg) -> None:
@@ -124,6 +142,7 @@ def validate(cfg) -> None:
         check_positive(f"trainer.{key}", cfg.trainer[key], allow_zero=True)
     check_trainer(cfg.trainer)
     check_init_weights(cfg)
+    check_distill(cfg)
     check_data_and_model(cfg)
     check_optim(cfg.optim)
     check_positive("logger.console_every", cfg.logger.console_every)

@@ -24,7 +24,9 @@ from bigvit.models.resample import adapt_state_dict
 from bigvit.models.vit import ViTConfig
 from bigvit.parallel.materialize import copy_full_
 from bigvit.parallel.names import clean_name
+from bigvit.train.checkpoint import META_FILE
 from bigvit.train.export import load_full_state, resolve_checkpoint
+from bigvit.train.safe_load import read_json
 
 log = logging.getLogger("bigvit")
 
@@ -33,7 +35,7 @@ HEAD = ("head.weight", "head.bias")  # the classifier: its shape follows data.nu
 ADAPTABLE = {"name", "image_size", "patch_size", "num_classes", "drop_path", "patch_dropout", "attn_impl"}
 
 
-def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+def read_weights(path: str | Path, what: str = "weights") -> tuple[dict[str, torch.Tensor], dict | None]:
     """(full state dict on the CPU, the model config stored with it, or None where the file has none).
 
     `path`: a .safetensors file (its metadata `model` is the config as JSON), or a checkpoint dir, run dir
@@ -45,13 +47,22 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None
         return state, meta["model"]
     if not path.is_file():
         raise ConfigError(
-            f"weights {path}: no such file or directory; give a .safetensors file (bigvit-export, "
+            f"{what}={path}: no such file or directory; give a .safetensors file (bigvit-export, "
             "bigvit-convert), a bigvit run dir or a checkpoint dir"
         )
-    state = import_safetensors(path)
+    return import_safetensors(path), stored_model_config(path)
+
+
+def stored_model_config(path: str | Path, what: str = "weights") -> dict | None:
+    """The model config stored with the weights at `path` (as read_weights), without reading the tensors."""
+    path = Path(path)
+    if path.is_dir():
+        return read_json(resolve_checkpoint(path) / META_FILE).get("model")
+    if not path.is_file():
+        read_weights(path, what)  # raises, naming what `path` may be
     stored = safetensors_metadata(path).get("model")
     try:
-        return state, json.loads(stored) if stored else None
+        return json.loads(stored) if stored else None
     except json.JSONDecodeError:
         raise CheckpointError(f"{path}: metadata 'model' is not a JSON model config") from None
 
@@ -62,23 +73,24 @@ def fit_weights(
     shapes: dict[str, torch.Size],
     fresh: Sequence[str] = (),
     source: str = "weights",
+    new_head: bool = True,
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """(the tensors to load, one note per change) for a model of config `cfg` whose parameters have
     `shapes` (clean names → full shapes).
 
-    Parameters matching a `fresh` fnmatch pattern, and a classifier the weights lack or hold in another
-    shape, keep their fresh initialization; a classifier the model lacks (num_classes=0) is dropped.
-    Raises CheckpointError naming every other missing / unexpected key and shape mismatch.
+    Parameters matching a `fresh` fnmatch pattern, and (with `new_head`) a classifier the weights lack or
+    hold in another shape, keep their fresh initialization; a classifier the model lacks (num_classes=0)
+    is dropped. Raises CheckpointError naming every other missing / unexpected key and shape mismatch.
     """
     state, notes = adapt_state_dict(state, cfg)
     kept = set()  # model parameters that keep their fresh init
     for name in sorted(set(shapes) | set(state)):
-        if name not in shapes and name in HEAD:
+        if name not in shapes and name in HEAD and new_head:
             notes.append(f"{name}: dropped (the model has no classifier, model.num_classes=0)")
         elif name in shapes and any(fnmatch(name, pattern) for pattern in fresh):
             notes.append(f"{name}: fresh init (trainer.init_fresh)")
             kept.add(name)
-        elif name in HEAD and tuple(state.get(name, torch.empty(0)).shape) != tuple(shapes[name]):
+        elif name in HEAD and new_head and tuple(state.get(name, torch.empty(0)).shape) != tuple(shapes[name]):
             had = tuple(state[name].shape) if name in state else "none"
             notes.append(f"{name}: fresh init for {tuple(shapes[name])} (the weights' is {had})")
             kept.add(name)
@@ -136,14 +148,17 @@ def load_initial_weights(
     path: str | Path,
     cfg: ViTConfig,
     fresh: Sequence[str] = (),
-    what: str = "initial weights",
+    what: str = "trainer.init_weights",
+    new_head: bool = True,
 ) -> list[str]:
-    """Read `path`, fit it to `cfg` and copy it into the (parallelized, materialized) `model` on every rank;
-    returns the notes it logged. Every rank reads the file: no rank holds more than one full copy."""
-    state, stored = read_weights(path)
+    """Read `path`, fit it to `cfg` (fit_weights) and copy it into the parallelized, materialized `model`
+    on every rank; returns the notes it logged. Every rank reads the file: one full copy at most each.
+    `what` names the setting in messages."""
+    state, stored = read_weights(path, what)
     for difference in config_differences(stored, cfg):
-        log.warning("%s %s: the weights' model has %s", what, path, difference)
-    state, notes = fit_weights(state, cfg, parameter_shapes(model), fresh, source=f"{what} {path}")
+        log.warning("%s=%s: the weights' model has %s", what, path, difference)
+    shapes = parameter_shapes(model)
+    state, notes = fit_weights(state, cfg, shapes, fresh, source=f"{what}={path}", new_head=new_head)
     copy_weights_(model, state)
     log.info(
         "%s: %d tensors (%s parameters) from %s%s",

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import NoReturn
 
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from bigvit.config import local_batch_size, validate
@@ -30,6 +29,7 @@ from bigvit.train.engine import build_engine
 from bigvit.train.init_weights import load_initial_weights
 from bigvit.train.loggers import build_loggers, console_line
 from bigvit.train.metrics import Throughput, live_tensor_bytes, peak_flops, peak_memory_bytes
+from bigvit.train.objectives import build_objective
 from bigvit.train.preemption import Preempted, StopSignal, clear_preempted, mark_preempted
 from bigvit.train.scores import add_scores, empty_scores, score_figures
 from bigvit.train.watchdog import StepWatchdog
@@ -67,6 +67,8 @@ class Trainer:
         self.engine = build_engine(
             model, mesh, self.dims, cfg, env.device, lambda m: build_optimizer(m, cfg.optim)
         )
+
+        self.objective = build_objective(cfg, mesh, self.dims, env.device)
 
         if env.is_main:
             prepare(cfg.data)
@@ -187,6 +189,7 @@ class Trainer:
             "resolution": resolution,
             "peak_memory_gib": peak_memory_bytes(self.env.device) / 2**30,
             **self.throughput.report(),
+            **self.objective.figures(resolution),
             **{f"data/{k}": v for k, v in self.skip_counts(self.data.train).items()},
         }
         max_steps = self.cfg.trainer.max_steps
@@ -217,9 +220,7 @@ class Trainer:
         for micro in range(accum):
             images, labels = scheduled_batch(self.data.device_batch, batches, self.env.device, stage)
             logits = self.engine.forward(images, sync_grads=micro == accum - 1)
-            # Labels are class numbers, or class probabilities under mixup/cutmix (smoothing the mixture
-            # equals mixing smoothed one-hots, as timm does: both are linear).
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.trainer.label_smoothing)
+            loss = self.objective(logits, labels, images)
             self.engine.backward(loss / accum)
             total_loss += loss.detach()
         return total_loss / accum, self.engine.step()
@@ -352,6 +353,7 @@ class Trainer:
             "tensor_bytes": live_tensor_bytes(self.env.device),
             "model": self.model_cfg.name,
             "strategy": self.cfg.parallel.strategy,
+            **self.objective.figures(self.resolution.stage_at(max(self.step - 1, 0)).image_size),
         }
         if self.env.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
