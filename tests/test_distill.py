@@ -6,22 +6,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
 import bigvit
 from bigvit.models.convert import export_safetensors
 from bigvit.parallel.mesh import resolve_dims
 from bigvit.scaling.flops import forward_flops, train_flops
-from bigvit.train import cli
 from bigvit.train.objectives import build_objective
-from tests.helpers import TINY, losses, run_train, summary
-
-
-def compose_train(overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=cli.CONF_DIR, version_base="1.3"):
-        return compose("train", overrides=overrides)
+from tests.helpers import TINY, compose_train, losses, run_train, summary
 
 
 def random_teacher(path) -> torch.nn.Module:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
@@ -55,6 +57,15 @@ def check_init_weights(cfg) -> None:
             "parallel=fsdp | ddp | single (or start DeepSpeed from a bigvit checkpoint: trainer.branch_from)"
         )
     check_patterns("trainer.init_fresh", cfg.trainer.get("init_fresh") or [])
+    check_weights_path("trainer.init_weights", cfg.trainer.get("init_weights"))
+
+
+def check_weights_path(key: str, path) -> None:
+    if path and not Path(str(path)).exists():
+        raise ConfigError(
+            f"{key}={path}: no such file or directory; give a .safetensors file (bigvit-export, "
+            "bigvit-convert), a bigvit run dir or a checkpoint dir"
+        )
 
 
 def check_distill(cfg) -> None:
@@ -65,13 +76,16 @@ def check_distill(cfg) -> None:
     check_choice("distill.name", distill.name, DISTILLATION)
     if distill.name == "none":
         return
-    check_number("distill.alpha", distill.alpha, 0.0, 1.0 + 1e-12)
+    alpha = distill.alpha
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"distill.alpha={alpha!r} must be a number in [0, 1] (1: soft targets only, 0: labels only)")
     check_number("distill.temperature", distill.temperature, 0.0, open_low=True)
     if not distill.teacher.get("weights"):
         raise ConfigError(
             "distill.teacher.weights is not set: give the teacher's weights, a .safetensors file "
             "(bigvit-export, bigvit-convert) or a bigvit run dir, e.g. distill.teacher.weights=outputs/<date>/<run>"
         )
+    check_weights_path("distill.teacher.weights", distill.teacher.weights)
 
 
 def check_trainer(cfg) -> None:
