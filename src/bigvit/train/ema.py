@@ -23,6 +23,7 @@ from bigvit.parallel.names import clean_name
 
 log = logging.getLogger("bigvit")
 
+
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor (a view sharing its storage), or the tensor itself."""
     return tensor._local_tensor if isinstance(tensor, DTensor) else tensor
@@ -78,11 +79,14 @@ class EMA:
                 if state[name] is not shadow:
                     shadow.copy_(state[name])
 
-
-    @torch.no_grad()
     def start_from_loaded(self) -> None:
         """A checkpoint without EMA state (a branch of a run without one): the average starts at its weights."""
         log.warning("the checkpoint holds no EMA of the weights: the EMA starts from its weights")
+        self.restart()
+
+    @torch.no_grad()
+    def restart(self) -> None:
+        """The average restarts at the weights now in the parameters (initial weights just loaded)."""
         torch._foreach_copy_([local(s) for s in self.shadow], [local(p) for p in self.params])
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import NoReturn
 
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from bigvit.config import local_batch_size, validate
@@ -30,8 +29,10 @@ from bigvit.train.checkpoint import Checkpointer, rng_state, set_rng_state
 from bigvit.train.ema import EMAEvaluation, build_ema
 from bigvit.train.engine import build_engine
 from bigvit.train.fewshot import FewShotEvaluation, lockstep_batches
+from bigvit.train.init_weights import load_initial_weights
 from bigvit.train.loggers import build_loggers, console_line
 from bigvit.train.metrics import Throughput, live_tensor_bytes, peak_flops, peak_memory_bytes
+from bigvit.train.objectives import build_objective
 from bigvit.train.preemption import Preempted, StopSignal, clear_preempted, mark_preempted
 from bigvit.train.scores import add_scores, empty_scores, score_figures
 from bigvit.train.watchdog import StepWatchdog
@@ -70,6 +71,8 @@ class Trainer:
             model, mesh, self.dims, cfg, env.device, lambda m: build_optimizer(m, cfg.optim)
         )
         self.ema = build_ema(cfg.get("ema"), self.engine)  # checkpointed with the engine's state
+
+        self.objective = build_objective(cfg, mesh, self.dims, env.device)
 
         if env.is_main:
             prepare(cfg.data)
@@ -193,6 +196,7 @@ class Trainer:
             "resolution": resolution,
             "peak_memory_gib": peak_memory_bytes(self.env.device) / 2**30,
             **self.throughput.report(),
+            **self.objective.figures(resolution),
             **{f"data/{k}": v for k, v in self.skip_counts(self.data.train).items()},
         }
         max_steps = self.cfg.trainer.max_steps
@@ -223,9 +227,7 @@ class Trainer:
         for micro in range(accum):
             images, labels = scheduled_batch(self.data.device_batch, batches, self.env.device, stage)
             logits = self.engine.forward(images, sync_grads=micro == accum - 1)
-            # Labels are class numbers, or class probabilities under mixup/cutmix (smoothing the mixture
-            # equals mixing smoothed one-hots, as timm does: both are linear).
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.trainer.label_smoothing)
+            loss = self.objective(logits, labels, images)
             self.engine.backward(loss / accum)
             total_loss += loss.detach()
         return total_loss / accum, self.engine.step()
@@ -327,6 +329,7 @@ class Trainer:
             path = Path(branch_from)
             log.info("branching from %s (trainer.branch_from)", path)
         if path is None:
+            self.start_from_weights()
             return
         if not path.exists():  # a mistyped path: name the key (a damaged checkpoint names its file)
             key = "trainer.resume" if setting not in ("auto", "never") else "trainer.branch_from"
@@ -343,6 +346,14 @@ class Trainer:
         else:
             log.warning("checkpoint %s came from another world size: the RNG streams start afresh", path)
         log.info("resumed from %s at step %d", path, self.step)
+
+    def start_from_weights(self) -> None:
+        """A fresh run starts from trainer.init_weights where set (a resumed run continues from its checkpoint)."""
+        path = self.cfg.trainer.get("init_weights")
+        if path:
+            load_initial_weights(self.engine.model, path, self.model_cfg, self.cfg.trainer.get("init_fresh") or ())
+            if self.ema is not None:  # the average starts at the loaded weights, not the random init
+                self.ema.restart()
 
     def summary(self, metrics: dict, eval_metrics: dict, wall_seconds: float, first_step: int) -> dict:
         examples, flops_per_image = self.seen()
@@ -366,6 +377,7 @@ class Trainer:
             "tensor_bytes": live_tensor_bytes(self.env.device),
             "model": self.model_cfg.name,
             "strategy": self.cfg.parallel.strategy,
+            **self.objective.figures(self.resolution.stage_at(max(self.step - 1, 0)).image_size),
         }
         if self.env.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
