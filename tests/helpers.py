@@ -116,3 +116,15 @@ def final_params(run_dir: Path) -> dict:
     from bigvit.train.export import load_full_state, resolve_checkpoint
 
     return load_full_state(resolve_checkpoint(run_dir))[0]
+
+
+def compose_train(overrides: list[str]):
+    """conf/train.yaml with `overrides`, composed in this process as bigvit-train composes it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from bigvit.train import cli
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=cli.CONF_DIR, version_base="1.3"):
+        return compose("train", overrides=overrides)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
@@ -10,6 +12,7 @@ from bigvit.models.vit import ViTConfig
 from bigvit.optim.schedule import SCHEDULES, lr_factor, schedule_args
 from bigvit.parallel.parallelize import AC_MODES, DTYPES, STRATEGIES
 from bigvit.train.loggers import CHECKPOINT_ARTIFACTS
+from bigvit.train.objectives import DISTILLATION
 from bigvit.train.watchdog import ACTIONS as WATCHDOG_ACTIONS
 
 OPTIMIZERS = ("adamw", "sgd", "lean")
@@ -39,6 +42,50 @@ def check_number(key: str, value, low: float, high: float = float("inf"), open_l
     number = isinstance(value, int | float) and not isinstance(value, bool)
     if not number or not (low < value if open_low else low <= value) or not value < high:
         raise ConfigError(f"{key}={value!r} must be a number in {'(' if open_low else '['}{low}, {high})")
+
+
+def check_init_weights(cfg) -> None:
+    """trainer.init_weights: set where a preset requires it (init_weights_required), PyTorch engines only."""
+    if cfg.trainer.get("init_weights_required") and not cfg.trainer.get("init_weights"):
+        raise ConfigError(
+            "trainer.init_weights is not set: this run starts from weights; give trainer.init_weights=PATH "
+            "(a .safetensors file from bigvit-export / bigvit-convert, a bigvit run dir or a checkpoint dir)"
+        )
+    if cfg.trainer.get("init_weights") and cfg.parallel.strategy == "deepspeed":
+        raise ConfigError(
+            "trainer.init_weights loads into the PyTorch engines; with parallel.strategy=deepspeed use "
+            "parallel=fsdp | ddp | single (or start DeepSpeed from a bigvit checkpoint: trainer.branch_from)"
+        )
+    check_patterns("trainer.init_fresh", cfg.trainer.get("init_fresh") or [])
+    check_weights_path("trainer.init_weights", cfg.trainer.get("init_weights"))
+
+
+def check_weights_path(key: str, path) -> None:
+    if path and not Path(str(path)).exists():
+        raise ConfigError(
+            f"{key}={path}: no such file or directory; give a .safetensors file (bigvit-export, "
+            "bigvit-convert), a bigvit run dir or a checkpoint dir"
+        )
+
+
+def check_distill(cfg) -> None:
+    """distill.*: the group's choice, the mixing weight and temperature, and a teacher to read."""
+    distill = cfg.get("distill")
+    if distill is None:
+        return
+    check_choice("distill.name", distill.name, DISTILLATION)
+    if distill.name == "none":
+        return
+    alpha = distill.alpha
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"distill.alpha={alpha!r} must be a number in [0, 1] (1: soft targets only, 0: labels only)")
+    check_number("distill.temperature", distill.temperature, 0.0, open_low=True)
+    if not distill.teacher.get("weights"):
+        raise ConfigError(
+            "distill.teacher.weights is not set: give the teacher's weights, a .safetensors file "
+            "(bigvit-export, bigvit-convert) or a bigvit run dir, e.g. distill.teacher.weights=outputs/<date>/<run>"
+        )
+    check_weights_path("distill.teacher.weights", distill.teacher.weights)
 
 
 def check_trainer(cfg) -> None:
@@ -107,7 +154,10 @@ def validate(cfg) -> None:
         check_positive(f"trainer.{key}", cfg.trainer[key])
     for key in ("eval_every", "checkpoint_every", "keep_checkpoints"):
         check_positive(f"trainer.{key}", cfg.trainer[key], allow_zero=True)
+    check_positive("trainer.fewshot_every", cfg.trainer.get("fewshot_every", 0), allow_zero=True)
     check_trainer(cfg.trainer)
+    check_init_weights(cfg)
+    check_distill(cfg)
     check_data_and_model(cfg)
     check_optim(cfg.optim)
     check_positive("logger.console_every", cfg.logger.console_every)

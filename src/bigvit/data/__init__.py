@@ -33,6 +33,9 @@ class DataBundle:
     # crops resized, flipped, normalized, then mixup/cutmix); `eval_batch` the same for evaluation batches.
     device_batch: Callable[[dict, torch.device], tuple[torch.Tensor, torch.Tensor]] = on_device
     eval_batch: Callable[[dict, torch.device], tuple[torch.Tensor, torch.Tensor]] = on_device
+    # One pass over the training split with evaluation preprocessing (each sample once across ranks, as
+    # make_eval's): the support pool of few-shot probes. None where the data has none.
+    make_support: Callable[[], Iterable[dict]] | None = None
 
 
 def expand_urls(spec: str | list[str], key: str) -> list[str]:
@@ -140,7 +143,13 @@ def build_shard_data(cfg, *, rank: int, world_size: int, local_batch: int, seed:
             )
             return ResumableLoader.plain_loader(stream, cfg.num_workers)
 
-    return DataBundle(ResumableLoader(stream, cfg.num_workers), make_eval, device_batch, eval_batch)
+    support_urls = [url for source in train_sources(cfg) for url in source.urls]
+
+    def make_support():
+        stream = EvalStream(support_urls, local_batch, evaluation, rank=rank, world_size=world_size, on_error=on_error)
+        return ResumableLoader.plain_loader(stream, cfg.num_workers)
+
+    return DataBundle(ResumableLoader(stream, cfg.num_workers), make_eval, device_batch, eval_batch, make_support)
 
 
 def build_synthetic_data(cfg, *, rank: int, world_size: int, local_batch: int, seed: int) -> DataBundle:
@@ -155,7 +164,14 @@ def build_synthetic_data(cfg, *, rank: int, world_size: int, local_batch: int, s
     make_eval = (
         (lambda: SyntheticStream(**common, eval_samples=cfg.eval_samples)) if cfg.eval_samples else None
     )
-    return DataBundle(SyntheticStream(**common, repeat_batch=cfg.get("repeat_batch", False)), make_eval)
+    # The support pool: as many samples of the training stream itself as the held-out set has.
+    make_support = (
+        (lambda: SyntheticStream(**common, eval_samples=cfg.eval_samples, eval_split="train"))
+        if cfg.eval_samples
+        else None
+    )
+    train = SyntheticStream(**common, repeat_batch=cfg.get("repeat_batch", False))
+    return DataBundle(train, make_eval, make_support=make_support)
 
 
 def build_digit_strings(cfg, *, rank: int, world_size: int, local_batch: int, seed: int) -> DataBundle:

@@ -36,9 +36,10 @@ class IndexedStream:
     ranks. Subclasses say what a batch of indices is (`batch`)."""
 
     def __init__(self, global_batch: int, *, rank: int, world_size: int, seed: int, eval_samples: int = 0,
-                 repeat_batch: bool = False):  # fmt: skip
+                 repeat_batch: bool = False, eval_split: str = "eval"):  # fmt: skip
         self.global_batch, self.rank, self.world_size, self.seed = global_batch, rank, world_size, seed
         self.eval_samples = eval_samples
+        self.eval_split = eval_split  # "train": the fixed set is the training stream's first samples
         self.repeat_batch = repeat_batch  # every step sees global batch 0: overfitting and memory checks
         self.local_batch = global_batch // world_size
         self.step = 0
@@ -50,7 +51,8 @@ class IndexedStream:
         if self.eval_samples:
             indices = list(range(self.rank, self.eval_samples, self.world_size))
             for start in range(0, len(indices), self.local_batch):
-                yield self.batch(indices[start : start + self.local_batch], self.seed + 1)
+                seed = self.seed if self.eval_split == "train" else self.seed + 1
+                yield self.batch(indices[start : start + self.local_batch], seed)
             return
         while True:
             first = (0 if self.repeat_batch else self.step) * self.global_batch + self.rank * self.local_batch

@@ -308,6 +308,9 @@ class ViT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.token_multiple = 1
+        # True: forward returns the pooled pre-logit features instead of logits (few-shot probes); an
+        # attribute rather than a method so that wrappers' forward hooks (FSDP2's) still run.
+        self.features_only = False
         self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.width, cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width)) if cfg.class_token else None
         self.reg_tokens = (
@@ -365,7 +368,9 @@ class ViT(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         pooled = self.pool(self.forward_features(images))
-        return self.head(self.norm(pooled) if self.cfg.fc_norm else pooled)
+        if self.cfg.fc_norm:
+            pooled = self.norm(pooled)
+        return pooled if self.features_only else self.head(pooled)
 
     @torch.no_grad()
     def init_parameter_(self, name: str, tensor: torch.Tensor, generator: torch.Generator) -> None:

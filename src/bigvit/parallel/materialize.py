@@ -27,9 +27,17 @@ def materialize(model: torch.nn.Module, device: torch.device, seed: int) -> torc
         name = clean_name(raw_name)
         full = torch.empty(param.shape, dtype=param.dtype, device=device)
         model.init_parameter_(name, full, parameter_generator(seed, name, device))
-        if isinstance(param, DTensor):
-            shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
-            param.to_local().copy_(shard.to_local())
-        else:
-            param.copy_(full)
+        copy_full_(param, full)
     return model
+
+
+@torch.no_grad()
+def copy_full_(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Set `param` (a plain tensor or a DTensor of any placement) from `full`, the whole tensor, which
+    every rank holds: each rank keeps its own shard, no communication."""
+    if isinstance(param, DTensor):
+        full = full.to(device=param.device, dtype=param.dtype)
+        shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(shard.to_local())
+    else:
+        param.copy_(full)

@@ -14,10 +14,17 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
+from omegaconf import OmegaConf
 from torch.distributed._composable.replicate import replicate
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
 from torch.distributed.tensor import DTensor, Shard
 
 from bigvit.errors import ConfigError
@@ -140,6 +147,20 @@ def parallelize(
     if mesh is not None or cfg.strategy == "single":
         STRATEGIES[cfg.strategy](model, mesh, dims, cfg, precision)
     return model
+
+
+def parallelize_frozen(
+    model: nn.Module, mesh: DeviceMesh | None, dims: ParallelDims, cfg, precision: str
+) -> nn.Module:
+    """The layout `cfg` for a meta-device ViT that only runs forwards (a distillation teacher): TP/CP as the
+    trained model, FSDP2 shards it and frees each block's gathered weights right after its forward (no
+    backward comes to do it); DDP and DeepSpeed replicate it (DDP refuses a module with nothing to train)."""
+    frozen = OmegaConf.merge(cfg, {"activation_checkpointing": "none"})  # it saves backward memory only
+    parallelize(model, mesh if cfg.strategy == "fsdp" else None, dims, frozen, precision)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_reshard_after_forward(True)
+    return model.requires_grad_(False)
 
 
 def autocast_context(

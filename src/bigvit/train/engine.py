@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from bigvit.parallel.grad import clip_grad_norm_
 from bigvit.parallel.materialize import materialize
 from bigvit.parallel.parallelize import autocast_context, parallelize, set_gradient_sync
-from bigvit.train.safe_load import load_dcp
+from bigvit.train.safe_load import load_dcp, saved_groups
 
 # Strategies whose engine is not TorchEngine: strategy → "module:Class", imported only when chosen.
 ENGINES = {"deepspeed": "bigvit.parallel.deepspeed:DeepSpeedEngine"}
@@ -44,6 +44,10 @@ class TorchEngine:
         self.autocast = autocast_context(cfg.parallel.strategy, precision, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.grad_clip = cfg.optim.grad_clip
+        # Other components' checkpoint state (e.g. the EMA), name → object with state_dict/load_state_dict
+        # whose tensors DCP saves and loads in place by name, resharded like the model's, and
+        # start_from_loaded for a checkpoint that holds none of its state.
+        self.extra_state: dict = {}
 
     @property
     def param_groups(self) -> list[dict]:
@@ -78,6 +82,7 @@ class TorchEngine:
         Asynchronous: staged to host memory, then written by a thread; returns the write's future."""
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         state = {"model": model_state, "optim": optim_state, "step": step, "scaler": self.scaler.state_dict()}
+        state.update({name: part.state_dict() for name, part in self.extra_state.items()})
         if asynchronous:
             return dcp.async_save(state, checkpoint_id=str(directory), process_group=group)
         dcp.save(state, checkpoint_id=str(directory))
@@ -87,10 +92,17 @@ class TorchEngine:
         """Load a checkpoint saved under any layout (read as data only); returns its step."""
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         state = {"model": model_state, "optim": optim_state, "step": 0}
+        saved = saved_groups(directory)  # a component added since (e.g. EMA on a branch) has no state there
+        state.update({name: part.state_dict() for name, part in self.extra_state.items() if name in saved})
         load_dcp(state, directory)
         set_state_dict(
             self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
         )
+        for name, part in self.extra_state.items():
+            if name in saved:
+                part.load_state_dict(state[name])
+            else:
+                part.start_from_loaded()
         return int(state["step"])
 
 

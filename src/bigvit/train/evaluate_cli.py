@@ -3,6 +3,9 @@ evaluation split, at the image and patch sizes the overrides ask for, e.g.
 
     bigvit-eval classify outputs/2025-01-01/12-00-00_vit_digits data.image_size=32,48,64
 
+`bigvit-eval fewshot WEIGHTS [OVERRIDES...]`: few-shot linear probes of the frozen weights' pre-logit
+features (train/fewshot.py; fewshot.shots, fewshot.draws, fewshot.ridge), one table of errors per k.
+
 WEIGHTS is a run dir, its checkpoints/ dir, one checkpoint dir, or a .safetensors file (bigvit-export).
 The config is the run's config.yaml with the Hydra overrides on top; a .safetensors file has no run, so
 conf/train.yaml is composed with the overrides and the model keys come from the file's metadata. As in
@@ -37,6 +40,7 @@ from bigvit.parallel.parallelize import autocast_context
 from bigvit.scaling.sweep import compose_config
 from bigvit.train.cli import USER_ERRORS
 from bigvit.train.export import load_full_state, resolve_checkpoint
+from bigvit.train.fewshot import check_fewshot, collect_features, errors_for
 from bigvit.train.scores import add_scores, empty_scores, score_figures
 
 RUN_CONFIG = "config.yaml"  # what bigvit-train writes into every run dir
@@ -184,6 +188,48 @@ def classify(weights: Weights, overrides: list[str], device: torch.device) -> di
     }
 
 
+@torch.no_grad()
+def fewshot(weights: Weights, overrides: list[str], device: torch.device) -> dict:
+    """Few-shot errors of `weights` under the config `overrides` make: support pool from the training
+    split, query set the evaluation split, both with evaluation preprocessing."""
+    cfg = point_config(weights, overrides)
+    settings = check_fewshot(cfg.get("fewshot"))
+    model, notes = fitted_model(weights, OmegaConf.to_container(cfg.model, resolve=True), device)
+    data_cfg = stored_digits(cfg.data, weights.trained_image_size)
+    data = build_data(data_cfg, rank=0, world_size=1, local_batch=cfg.data.batch_size, seed=cfg.trainer.seed)
+    if data.make_eval is None or data.make_support is None:
+        raise ConfigError(f"data.kind={cfg.data.kind!r} has no training and evaluation split to probe here")
+    autocast = autocast_context("single", cfg.trainer.precision, device)
+    model.features_only = True
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        with autocast():
+            return model(images)
+
+    support = collect_features(data.make_support(), data.eval_batch, forward, device)
+    query = collect_features(data.make_eval(), data.eval_batch, forward, device)
+    errors = errors_for(settings, support, query, model.cfg.num_classes)
+    return {
+        "overrides": overrides,
+        "data": cfg.data.kind,
+        "image_size": cfg.data.image_size,
+        "support_samples": len(support[1]),
+        "query_samples": len(query[1]),
+        "draws": settings["draws"],
+        "ridge": settings["ridge"],
+        "errors": {str(k): e for k, e in errors.items()},
+        "adapted": notes,
+    }
+
+
+def fewshot_table(row: dict) -> str:
+    head = (
+        f"{' '.join(row['overrides']) or 'as trained'}: {row['support_samples']} support, {row['query_samples']} "
+        f"query samples, {row['draws']} draws, ridge {row['ridge']:g}\n{'shots':>5}  {'error':>6}"
+    )
+    return head + "".join(f"\n{k:>5}  {e:>6.4f}" for k, e in row["errors"].items())
+
+
 def table_line(row: dict) -> str:
     grid = f"{row['grid']}x{row['grid']}"
     return (
@@ -199,18 +245,23 @@ def main(argv: list[str] | None = None) -> None:
     classify_cmd.add_argument("weights", type=Path, help="run dir, checkpoint dir, or .safetensors file")
     classify_cmd.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data.image_size=32,48,64")
     classify_cmd.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    fewshot_cmd = commands.add_parser("fewshot", help="few-shot linear probe errors of the frozen features")
+    fewshot_cmd.add_argument("weights", type=Path, help="run dir, checkpoint dir, or .safetensors file")
+    fewshot_cmd.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. fewshot.shots=[1,5]")
+    fewshot_cmd.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         points = sweep_points(args.overrides)
         weights = load_weights(args.weights)
         rows = []
+        evaluate, line = (classify, table_line) if args.command == "classify" else (fewshot, fewshot_table)
         for point in points:
-            rows.append(classify(weights, point, device))
+            rows.append(evaluate(weights, point, device))
             if len(rows) == 1:  # after the first point composed and ran: errors come alone
                 step = "" if weights.step is None else f" (step {weights.step})"
-                print(f"weights {weights.source}{step}\n{HEADER}")
-            print(table_line(rows[-1]), flush=True)
+                print(f"weights {weights.source}{step}" + (f"\n{HEADER}" if args.command == "classify" else ""))
+            print(line(rows[-1]), flush=True)
     except USER_ERRORS as error:
         raise SystemExit(f"bigvit: error: {error}") from None
     if args.json:

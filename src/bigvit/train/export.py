@@ -33,17 +33,22 @@ def resolve_checkpoint(path: Path) -> Path:
     )
 
 
-def load_full_state(checkpoint: Path) -> tuple[dict, dict]:
-    """(full model state dict, checkpoint metadata)."""
+def load_full_state(checkpoint: Path, ema: bool = False) -> tuple[dict, dict]:
+    """(full model state dict, checkpoint metadata); `ema`: with the EMA of the weights (train/ema.py)
+    in place of the live parameters."""
     meta = read_json(checkpoint / META_FILE)
     if not isinstance(meta.get("model"), dict):
         raise CheckpointError(f"{checkpoint / META_FILE} names no model config (key 'model')")
     model = build_model(meta["model"])
     state = {"model": model.state_dict()}
+    if ema:
+        if not meta.get("ema"):
+            raise CheckpointError(f"checkpoint {checkpoint} holds no EMA weights: it was trained with ema.decay=0")
+        state["ema"] = {name: p.detach().clone() for name, p in model.named_parameters()}
     with warnings.catch_warnings():  # reading a sharded checkpoint in one process is the point here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         load_dcp(state, checkpoint, no_dist=True)
-    return state["model"], meta
+    return ({**state["model"], **state["ema"]} if ema else state["model"]), meta
 
 
 def write_onnx(state: dict, meta: dict, out: Path, batch: str) -> str:
@@ -60,11 +65,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="bigvit-export", description=__doc__)
     parser.add_argument("checkpoint", type=Path, help="checkpoint dir, run dir, or run_dir/checkpoints")
     parser.add_argument("out", type=Path, help="output .safetensors (or .onnx) file")
+    parser.add_argument("--ema", action="store_true", help="the EMA of the weights instead of the live ones")
     parser.add_argument("--format", choices=("safetensors", "onnx"), default="safetensors")
     parser.add_argument("--batch", default="1", help="ONNX batch size: N or 'dynamic'")
     args = parser.parse_args(argv)
     try:
-        state, meta = load_full_state(resolve_checkpoint(args.checkpoint))
+        state, meta = load_full_state(resolve_checkpoint(args.checkpoint), ema=args.ema)
         if args.format == "onnx":
             print(write_onnx(state, meta, args.out, args.batch))
             return
@@ -72,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"bigvit: error: {error}") from None
     export_safetensors(state, args.out, {"model": json.dumps(meta["model"]), "step": meta["step"]})
     print(
-        f"wrote {len(state)} tensors ({sum(t.numel() for t in state.values()):,} parameters) of step "
+        f"wrote {len(state)} {'EMA ' if args.ema else ''}tensors ({sum(t.numel() for t in state.values()):,} parameters) of step "
         f"{meta['step']} to {args.out}"
     )
 

@@ -141,6 +141,12 @@ def load_dcp(state: dict, path: Path, no_dist: bool = False) -> None:
         raise CheckpointError(f"{path}: a tensor file is not plain data ({weights_only_reason(error)})") from None
 
 
+def saved_groups(path: Path) -> set[str]:
+    """The top-level keys of the DCP checkpoint directory `path` ("model", "optim", "ema", ...)."""
+    metadata = read_metadata(Path(path) / ".metadata")
+    return {key.split(".", 1)[0] for key in metadata.state_dict_metadata}
+
+
 def read_json(path: Path) -> dict:
     """A JSON file bigvit wrote (checkpoint metadata), or a CheckpointError naming it."""
     try:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from bigvit.config import local_batch_size, validate
@@ -26,9 +26,13 @@ from bigvit.parallel.parallelize import DTYPES
 from bigvit.scaling.flops import train_flops
 from bigvit.train import chaos
 from bigvit.train.checkpoint import Checkpointer, rng_state, set_rng_state
+from bigvit.train.ema import EMAEvaluation, build_ema
 from bigvit.train.engine import build_engine
+from bigvit.train.fewshot import FewShotEvaluation, lockstep_batches
+from bigvit.train.init_weights import load_initial_weights
 from bigvit.train.loggers import build_loggers, console_line
 from bigvit.train.metrics import Throughput, live_tensor_bytes, peak_flops, peak_memory_bytes
+from bigvit.train.objectives import build_objective
 from bigvit.train.preemption import Preempted, StopSignal, clear_preempted, mark_preempted
 from bigvit.train.scores import add_scores, empty_scores, score_figures
 from bigvit.train.watchdog import StepWatchdog
@@ -66,6 +70,9 @@ class Trainer:
         self.engine = build_engine(
             model, mesh, self.dims, cfg, env.device, lambda m: build_optimizer(m, cfg.optim)
         )
+        self.ema = build_ema(cfg.get("ema"), self.engine)  # checkpointed with the engine's state
+
+        self.objective = build_objective(cfg, mesh, self.dims, env.device)
 
         if env.is_main:
             prepare(cfg.data)
@@ -117,6 +124,7 @@ class Trainer:
         )
         if len(self.resolution.stages) > 1:
             log.info("resolution schedule: %s", self.resolution.describe(tcfg.max_steps))
+        self.evaluators = self.build_evaluators()
         chaos.install(self)  # fault injection for resume tests; off unless BIGVIT_CHAOS is set
 
     def step_flops(self, image_size: int) -> tuple[int, int]:
@@ -160,8 +168,10 @@ class Trainer:
                 log_step = self.step % self.cfg.logger.console_every == 0 or last
                 if log_step:
                     metrics = self.log_train_metrics(loss, lr, grad_norm, stage.image_size)
-                if (tcfg.eval_every and self.step % tcfg.eval_every == 0) or last:
-                    eval_metrics = self.evaluate()
+                if self.ema is not None:
+                    self.ema.update(self.step)
+                if figures := self.evaluate(final=last):
+                    eval_metrics.update(figures)  # each evaluator's latest figures
                     self.throughput.reset()  # evaluation time is not training throughput
                 periodic = tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0
                 if periodic or self.step in self.checkpoint_at or last:
@@ -172,7 +182,7 @@ class Trainer:
                 watchdog.beat(self.step)
         self.checkpointer.finish()  # an asynchronous save still in flight completes
         if not eval_metrics:  # resumed at the final step: still report the model's quality
-            eval_metrics = self.evaluate()
+            eval_metrics = self.evaluate(final=True)
         summary = self.summary(metrics, eval_metrics, time.perf_counter() - start, first_step)
         self.logger.summary(summary)
         self.logger.finish()
@@ -186,6 +196,7 @@ class Trainer:
             "resolution": resolution,
             "peak_memory_gib": peak_memory_bytes(self.env.device) / 2**30,
             **self.throughput.report(),
+            **self.objective.figures(resolution),
             **{f"data/{k}": v for k, v in self.skip_counts(self.data.train).items()},
         }
         max_steps = self.cfg.trainer.max_steps
@@ -216,45 +227,40 @@ class Trainer:
         for micro in range(accum):
             images, labels = scheduled_batch(self.data.device_batch, batches, self.env.device, stage)
             logits = self.engine.forward(images, sync_grads=micro == accum - 1)
-            # Labels are class numbers, or class probabilities under mixup/cutmix (smoothing the mixture
-            # equals mixing smoothed one-hots, as timm does: both are linear).
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.trainer.label_smoothing)
+            loss = self.objective(logits, labels, images)
             self.engine.backward(loss / accum)
             total_loss += loss.detach()
         return total_loss / accum, self.engine.step()
 
     @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Top-1 and loss over the whole held-out set; every sample counted once across ranks.
-
-        Ranks can hold different numbers of batches; a rank that has run out feeds an empty-label
-        batch until all are done, since sharded forwards are collectives every rank must join.
-        """
-        if self.data.make_eval is None:
+    def evaluate(self, final: bool = False) -> dict:
+        """The figures of every evaluator due at this step (all of them when `final`), logged as eval/<name>."""
+        due = [e for every, e in self.evaluators if final or (every and self.step % every == 0)]
+        if not due:
             return {}
         self.engine.train(False)
-        device = self.env.device
-        sums = empty_scores(device)
-        loader = self.data.make_eval()
-        batches = iter(loader)
-        filler = None
-        while True:
-            batch = next(batches, None)
-            more = all_reduce(torch.tensor([float(batch is not None)], device=device), op="max")
-            if not more.item():
-                break
-            if batch is None:
-                batch = filler
-            filler = {**{k: v[:1] for k, v in batch.items() if torch.is_tensor(v)}, "label": torch.full((1,), -1)}
-            images, labels = self.data.eval_batch(batch, device)
-            add_scores(sums, self.engine.forward(images).float(), labels)
-        all_reduce(sums, op="sum")
-        sums /= self.dims.cp * self.dims.tp  # ranks of one cp×tp group scored the same samples
+        result = {}
+        for evaluator in due:
+            result.update(evaluator(self))
         self.engine.train(True)
-        result = {
-            **score_figures(sums),
-            **self.skip_counts(loader),
-        }
+        self.logger.log({f"eval/{k}": v for k, v in result.items()}, self.step)
+        return result
+
+    def build_evaluators(self) -> list[tuple[int, Callable[[Trainer], dict]]]:
+        """(steps between runs, 0 = only at the end; evaluator) pairs: plain, EMA, few-shot."""
+        tcfg, found = self.cfg.trainer, []
+        if self.data.make_eval is not None:
+            found.append((tcfg.eval_every, Trainer.classification))
+            if self.ema is not None:
+                found.append((tcfg.eval_every, EMAEvaluation(self.ema)))
+        if tcfg.get("fewshot_every"):
+            probe = FewShotEvaluation(self.cfg.get("fewshot"), self.model_cfg.num_classes, self.data, self.cfg.data.kind)
+            found.append((tcfg.fewshot_every, probe))
+        return found
+
+    def classification(self) -> dict:
+        """The plain evaluation of the live weights, logged to the console."""
+        result = self.classify()
         log.info(
             "eval step %d | top-1 %.4f | loss %.4f | %d samples | %d bad skipped",
             self.step,
@@ -263,8 +269,25 @@ class Trainer:
             result["eval_samples"],
             sum(v for k, v in result.items() if k.startswith("skipped_")),
         )
-        self.logger.log({f"eval/{k}": v for k, v in result.items()}, self.step)
         return result
+
+    @torch.no_grad()
+    def classify(self) -> dict:
+        """Top-1 and loss over the whole held-out set with the weights now in the model; every sample counted
+        once across ranks. A rank that has run out of batches feeds an empty-label batch until all are done."""
+        device = self.env.device
+        sums = empty_scores(device)
+        loader = self.data.make_eval()
+        filler = None
+        for batch in lockstep_batches(loader, device):
+            if batch is None:
+                batch = filler
+            filler = {**{k: v[:1] for k, v in batch.items() if torch.is_tensor(v)}, "label": torch.full((1,), -1)}
+            images, labels = self.data.eval_batch(batch, device)
+            add_scores(sums, self.engine.forward(images).float(), labels)
+        all_reduce(sums, op="sum")
+        sums /= self.dims.cp * self.dims.tp  # ranks of one cp×tp group scored the same samples
+        return {**score_figures(sums), **self.skip_counts(loader)}
 
     def skip_counts(self, source) -> dict:
         """{"skipped_<kind>": bad shards/samples skipped so far, summed over data-parallel ranks} of shard data."""
@@ -282,6 +305,7 @@ class Trainer:
             "model": self.model_cfg.to_dict(),
             "world_size": self.env.world_size,
             "parallel": OmegaConf.to_container(self.cfg.parallel, resolve=True),
+            "ema": self.ema.decay if self.ema is not None else 0.0,  # EMA weights in the checkpoint (--ema)
         }
 
     def save(self) -> None:
@@ -305,6 +329,7 @@ class Trainer:
             path = Path(branch_from)
             log.info("branching from %s (trainer.branch_from)", path)
         if path is None:
+            self.start_from_weights()
             return
         if not path.exists():  # a mistyped path: name the key (a damaged checkpoint names its file)
             key = "trainer.resume" if setting not in ("auto", "never") else "trainer.branch_from"
@@ -321,6 +346,14 @@ class Trainer:
         else:
             log.warning("checkpoint %s came from another world size: the RNG streams start afresh", path)
         log.info("resumed from %s at step %d", path, self.step)
+
+    def start_from_weights(self) -> None:
+        """A fresh run starts from trainer.init_weights where set (a resumed run continues from its checkpoint)."""
+        path = self.cfg.trainer.get("init_weights")
+        if path:
+            load_initial_weights(self.engine.model, path, self.model_cfg, self.cfg.trainer.get("init_fresh") or ())
+            if self.ema is not None:  # the average starts at the loaded weights, not the random init
+                self.ema.restart()
 
     def summary(self, metrics: dict, eval_metrics: dict, wall_seconds: float, first_step: int) -> dict:
         examples, flops_per_image = self.seen()
@@ -344,6 +377,7 @@ class Trainer:
             "tensor_bytes": live_tensor_bytes(self.env.device),
             "model": self.model_cfg.name,
             "strategy": self.cfg.parallel.strategy,
+            **self.objective.figures(self.resolution.stage_at(max(self.step - 1, 0)).image_size),
         }
         if self.env.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -1,0 +1,57 @@
+"""The loss a run optimises: `objective(logits, labels, images) -> scalar loss`, built once from the config.
+
+The trainer calls the objective on every micro-batch and knows nothing of what it computes. A base
+objective scores the model's logits against the labels (today: `Classify`; a `conf/objective/` group may
+choose among more); `distill.name` other than none wraps the base in distillation (train/distill.py),
+which keeps the base as its hard-label term.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from bigvit.errors import ConfigError
+
+DISTILLATION = ("none", "soft")
+
+
+class Objective(Protocol):
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """The mean loss of one micro-batch (a 0-d float32 tensor with autograd to `logits`)."""
+
+    def figures(self, image_size: int) -> dict[str, float]:
+        """What the objective costs or adds beyond the model, for logs and the summary (e.g. a teacher's
+        FLOPs per image at `image_size`); {} for none. Not counted in the model's MFU."""
+
+
+@dataclass
+class Classify:
+    """Cross-entropy with label smoothing. Labels are class numbers, or class probabilities under
+    mixup/cutmix (smoothing the mixture equals mixing smoothed one-hots, as timm does: both are linear)."""
+
+    label_smoothing: float = 0.0
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+
+    def figures(self, image_size: int) -> dict[str, float]:
+        return {}
+
+
+def build_objective(cfg, mesh, dims, device: torch.device) -> Objective:
+    """The run's objective: the base loss, wrapped in distillation where `distill.name` asks for it (its
+    teacher is built with the run's layout on `mesh`/`dims`, a collective on every rank)."""
+    objective = Classify(cfg.trainer.label_smoothing)
+    distill = cfg.get("distill")
+    name = distill.name if distill is not None else "none"
+    if name not in DISTILLATION:
+        raise ConfigError(f"distill.name={name!r} is not one of {list(DISTILLATION)}")
+    if name == "none":
+        return objective
+    from bigvit.train.distill import build_distillation  # builds a model: only when asked for
+
+    return build_distillation(objective, cfg, mesh, dims, device)
