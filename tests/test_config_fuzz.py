@@ -25,7 +25,6 @@ from unittest import mock
 import pytest
 import torch
 import torch.distributed as dist
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -33,7 +32,7 @@ from hypothesis import strategies as st
 from bigvit.parallel.parallelize import set_gradient_sync
 from bigvit.train import cli, engine
 from bigvit.train.trainer import Trainer
-from tests.helpers import TINY, run_train, summary
+from tests.helpers import TINY, compose_train, run_train, summary
 
 EXAMPLES = int(os.environ.get("BIGVIT_FUZZ_EXAMPLES", 240))  # more for a longer search by hand
 EXAMPLE_TIMEOUT_S = 60  # a hang: far beyond the ~0.2 s an example takes
@@ -322,14 +321,6 @@ def forget_meshes() -> None:
 
 def local_gradients(model, enabled: bool) -> None:
     set_gradient_sync(model, False)
-
-
-def compose_train(overrides: list[str]):
-    """conf/train.yaml with `overrides`, composed from the config tree bigvit-train reads. The strategies
-    give only overrides that compose: Hydra's composition errors are bigvit.overrides' (test_papercuts)."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=cli.CONF_DIR, version_base="1.3"):
-        return compose("train", overrides=overrides)
 
 
 def close_log_files() -> None:
