@@ -59,8 +59,14 @@ def build_model(
 
 def load_weights(model: ViT, path: str | Path) -> list[str]:
     """Load a full-weights .safetensors file into `model` exactly; returns the notes of what was adapted."""
-    state, notes = adapt_state_dict(import_safetensors(path), model.cfg)
-    check_state_dict(state, model.state_dict(), str(path))
+    return load_fitted(model, import_safetensors(path), str(path))
+
+
+def load_fitted(model: ViT, state: dict[str, torch.Tensor], source: str) -> list[str]:
+    """Load full tensors into `model`, adapted to its grid and patch size (models/resample.py), exactly:
+    a CheckpointError names every missing or unexpected key and shape mismatch. Returns what was adapted."""
+    state, notes = adapt_state_dict(state, model.cfg)
+    check_state_dict(state, model.state_dict(), source)
     model.load_state_dict(state, strict=True, assign=next(model.parameters()).is_meta)
     return notes
 

@@ -33,8 +33,7 @@ from bigvit.data import build_data
 from bigvit.data.shards import ensure_digits, split_urls
 from bigvit.errors import ConfigError
 from bigvit.models.convert import import_safetensors, safetensors_metadata
-from bigvit.models.registry import build_model
-from bigvit.models.resample import adapt_state_dict
+from bigvit.models.registry import build_model, load_fitted
 from bigvit.overrides import compose, parse_overrides
 from bigvit.parallel.parallelize import autocast_context
 from bigvit.scaling.sweep import compose_config
@@ -142,20 +141,7 @@ def fitted_model(
 ) -> tuple[torch.nn.Module, list[str]]:
     """The ViT of `model_cfg` holding `weights`, adapted to its grid and patch size; and what was adapted."""
     model = build_model(model_cfg, device="meta")
-    state, notes = adapt_state_dict(weights.state, model.cfg)
-    expected = model.state_dict()
-    if set(state) != set(expected):
-        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        raise ConfigError(
-            f"the weights of {weights.source} do not fit model {model.cfg.name}: missing {missing[:3]}, "
-            f"unexpected {extra[:3]}"
-        )
-    for key, tensor in expected.items():
-        if state[key].shape != tensor.shape:
-            raise ConfigError(
-                f"{key}: the weights' {tuple(state[key].shape)} do not fit the model's {tuple(tensor.shape)}"
-            )
-    model.load_state_dict(state, assign=True)
+    notes = load_fitted(model, weights.state, f"the weights of {weights.source}")
     return model.to(device).eval(), notes
 
 
