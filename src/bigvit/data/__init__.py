@@ -15,6 +15,7 @@ from bigvit.data.reader import is_local, shard_sizes
 from bigvit.data.shards import ensure_digits, split_urls
 from bigvit.data.stream import EvalStream, ResumableLoader, Source, TrainStream, merge_states
 from bigvit.data.synthetic import SyntheticStream
+from bigvit.data.targets import build_targets
 from bigvit.data.transforms import BatchPrep, Mixup, eval_transform, on_device, train_transform
 from bigvit.errors import ConfigError
 
@@ -113,6 +114,7 @@ def build_mix(cfg) -> Mixup | None:
 def build_shard_data(cfg, *, rank: int, world_size: int, local_batch: int, seed: int) -> DataBundle:
     aug, on_error, draft = cfg.augment, cfg.get("on_error", "warn"), cfg.get("jpeg_draft", True)
     interpolation = aug.get("interpolation", "bicubic")
+    targets = build_targets(cfg)
     device_batch = BatchPrep(cfg.image_size, cfg.mean, cfg.std, build_mix(cfg), interpolation)
     eval_batch = BatchPrep(cfg.image_size, cfg.mean, cfg.std, None, interpolation)
     stream = TrainStream(
@@ -124,6 +126,7 @@ def build_shard_data(cfg, *, rank: int, world_size: int, local_batch: int, seed:
         seed=seed,
         shuffle_buffer=cfg.shuffle_buffer,
         on_error=on_error,
+        targets=targets,
     )
     eval_urls = shard_urls(cfg, "eval_urls")
     evaluation = eval_transform(cfg.image_size, cfg.crop_pct, draft)
@@ -140,13 +143,16 @@ def build_shard_data(cfg, *, rank: int, world_size: int, local_batch: int, seed:
                 world_size=world_size,
                 on_error=on_error,
                 sizes=eval_sizes,
+                targets=targets,
             )
             return ResumableLoader.plain_loader(stream, cfg.num_workers)
 
     support_urls = [url for source in train_sources(cfg) for url in source.urls]
 
     def make_support():
-        stream = EvalStream(support_urls, local_batch, evaluation, rank=rank, world_size=world_size, on_error=on_error)
+        stream = EvalStream(
+            support_urls, local_batch, evaluation, rank=rank, world_size=world_size, on_error=on_error, targets=targets
+        )
         return ResumableLoader.plain_loader(stream, cfg.num_workers)
 
     return DataBundle(ResumableLoader(stream, cfg.num_workers), make_eval, device_batch, eval_batch, make_support)

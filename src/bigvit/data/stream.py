@@ -33,7 +33,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -47,6 +46,7 @@ from bigvit.data.reader import (
     read_units,
     shard_sizes,
 )
+from bigvit.data.targets import ClassLabel, Targets
 from bigvit.data.transforms import Crop, Transform, UndecodableImage, crop_batch
 from bigvit.errors import DataError
 
@@ -56,31 +56,32 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
 STATE_VERSION = 2
 
 
-def opened(sample: dict) -> tuple[Image.Image, int]:
-    """(image, class) of a raw sample, the image opened (its header read) but not yet decoded: the
-    transform decodes it, knowing its crop. A missing or unreadable entry is a SampleError naming the sample."""
+def opened(sample: dict) -> Image.Image:
+    """The image of a raw sample, opened (its header read) but not yet decoded: the transform decodes
+    it, knowing its crop. A missing or unreadable image is a SampleError naming the sample."""
     image_key = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
-    if image_key is None or "cls" not in sample:
+    if image_key is None:
         raise SampleError(
             sample,
-            f"lacks an image ({'/'.join(IMAGE_EXTENSIONS)}) or a .cls entry; "
-            f"it has {sorted(k for k in sample if k[:2] != '__')}",
+            f"lacks an image ({'/'.join(IMAGE_EXTENSIONS)}); it has {sorted(k for k in sample if k[:2] != '__')}",
             kind="missing",
         )
     try:
-        return Image.open(io.BytesIO(sample[image_key])), int(sample["cls"])
-    except Exception as error:  # PIL raises several types for bad bytes; int() a ValueError
+        return Image.open(io.BytesIO(sample[image_key]))
+    except Exception as error:  # PIL raises several types for bad bytes
         raise SampleError(sample, f"does not decode: {error}") from error
 
 
 def transformed(
-    sample: dict, transform: Transform, rng: random.Random | None, skips: Skips
-) -> tuple[Crop, int] | None:
-    """(transform(image), class) of a raw sample, or None when it is bad and `skips` lets it be skipped."""
+    sample: dict, transform: Transform, targets: Targets, rng: random.Random | None, skips: Skips
+) -> tuple[Crop, dict] | None:
+    """(transform(image), targets.read(sample)) of a raw sample, or None when it is bad and `skips` lets
+    it be skipped. Targets are read first: a sample without them is not worth decoding."""
     try:
-        image, label = opened(sample)
+        values = targets.read(sample)
+        image = opened(sample)
         try:
-            return transform(image, rng), label
+            return transform(image, rng), values
         except UndecodableImage as error:
             raise SampleError(sample, f"does not decode: {error}") from error
     except SampleError as error:
@@ -106,9 +107,9 @@ def worker_slot(rank: int, world_size: int) -> tuple[int, int, int]:
     return worker, workers, rank * workers + worker
 
 
-def collate(images: list[Crop], labels: list[int]) -> dict:
-    """A batch of crops (transforms.crop_batch) and their labels, long (B,)."""
-    return {**crop_batch(images), "label": torch.tensor(labels, dtype=torch.long)}
+def collate(images: list[Crop], values: list[dict], targets: Targets) -> dict:
+    """A batch of crops (transforms.crop_batch) and their targets' tensors (data/targets.py)."""
+    return {**crop_batch(images), **targets.collate(values)}
 
 
 @dataclass(frozen=True)
@@ -204,8 +205,10 @@ class TrainStream(IterableDataset):
         seed: int,
         shuffle_buffer: int = 1000,
         on_error: str = "warn",
+        targets: Targets | None = None,
     ):
         self.on_error = checked_on_error(on_error)  # here, where the value is first seen
+        self.targets = targets or ClassLabel()
         self.sources = sized_sources(sources, on_error)
         total = sum(source.weight for source in self.sources)
         self.cumulative = list(itertools.accumulate(source.weight / total for source in self.sources))
@@ -252,7 +255,7 @@ class TrainStream(IterableDataset):
             slot_items(self.plan(i), s.urls, slot, num_slots, positions[i], self.shuffle_buffer, skips)
             for i, s in enumerate(self.sources)
         ]
-        images, labels = [], []
+        images, values = [], []
         while True:
             source = self.pick(slot, drawn)
             drawn += 1
@@ -261,18 +264,18 @@ class TrainStream(IterableDataset):
             if sample is None:
                 continue
             rng = random.Random(f"aug-{self.seed}-{source}-{epoch}-{shard}-{index}")
-            if (good := transformed(sample, self.transform, rng, skips)) is None:
+            if (good := transformed(sample, self.transform, self.targets, rng, skips)) is None:
                 continue
             images.append(good[0])
-            labels.append(good[1])
+            values.append(good[1])
             if len(images) == self.batch_size:
                 yield {
-                    **collate(images, labels),
+                    **collate(images, values, self.targets),
                     "seed": self.hash(f"mix-{slot}-{drawn}"),
                     "position": (worker, drawn, tuple(positions)),
                     "skipped": skips.take(),
                 }
-                images, labels = [], []
+                images, values = [], []
 
 
 class EvalStream(IterableDataset):
@@ -288,8 +291,10 @@ class EvalStream(IterableDataset):
         world_size: int,
         on_error: str = "warn",
         sizes: Sequence[int] | None = None,
+        targets: Targets | None = None,
     ):
         self.on_error = checked_on_error(on_error)
+        self.targets = targets or ClassLabel()
         self.urls, self.batch_size, self.transform = list(urls), batch_size, transform
         self.rank, self.world_size = rank, world_size
         self.sizes = list(sizes) if sizes is not None else shard_sizes(self.urls, on_error)
@@ -303,18 +308,18 @@ class EvalStream(IterableDataset):
         _, workers, slot = worker_slot(self.rank, self.world_size)
         plan = SourcePlan(self.sizes, seed=0, shuffle=False, pad=False)
         skips = Skips(self.on_error)
-        images, labels = [], []
+        images, values = [], []
         for _, _, sample in read_units(plan.units(0, slot, self.world_size * workers), self.urls, skips):
-            if sample is None or (good := transformed(sample, self.transform, None, skips)) is None:
+            if sample is None or (good := transformed(sample, self.transform, self.targets, None, skips)) is None:
                 continue
             images.append(good[0])
-            labels.append(good[1])
+            values.append(good[1])
             if len(images) == self.batch_size:
-                yield {**collate(images, labels), "skipped": skips.take()}
-                images, labels = [], []
+                yield {**collate(images, values, self.targets), "skipped": skips.take()}
+                images, values = [], []
         skips.summarize()
         if images:
-            yield {**collate(images, labels), "skipped": skips.take()}
+            yield {**collate(images, values, self.targets), "skipped": skips.take()}
         if any(counts := skips.take()):
             yield {"skipped": counts}
 

@@ -171,10 +171,10 @@ class DeepSpeedEngine:
         """The torch optimizer's groups (DeepSpeed swaps in flat partitions but keeps the dicts)."""
         return self.optimizer.param_groups
 
-    def forward(self, images: torch.Tensor, sync_grads: bool = True) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, *rest: torch.Tensor, sync_grads: bool = True):
         # The trainer marks the last micro-batch; DeepSpeed then reduces and lets step() update.
         self.engine.set_gradient_accumulation_boundary(sync_grads)
-        return self.engine(images.to(self.input_dtype))
+        return self.engine(images.to(self.input_dtype), *rest)  # token ids (rest) stay integers
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)  # the trainer already divided by grad_accum

@@ -59,6 +59,9 @@ class SoftDistillation:
     def __init__(self, base: Objective, teacher: Teacher, temperature: float, alpha: float):
         self.base, self.teacher, self.temperature, self.alpha = base, teacher, temperature, alpha
 
+    def inputs(self, images: torch.Tensor, targets: torch.Tensor) -> tuple:
+        return self.base.inputs(images, targets)
+
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         soft = soft_target_loss(logits, self.teacher(images), self.temperature)
         return self.alpha * soft + (1.0 - self.alpha) * self.base(logits, labels, images)

@@ -53,10 +53,11 @@ class TorchEngine:
     def param_groups(self) -> list[dict]:
         return self.optimizer.param_groups
 
-    def forward(self, images: torch.Tensor, sync_grads: bool = True) -> torch.Tensor:
+    def forward(self, *inputs: torch.Tensor, sync_grads: bool = True):
+        """The model on `inputs` (images; a two-tower model: images and tokens)."""
         set_gradient_sync(self.model, sync_grads)  # before forward: DDP decides during forward
         with self.autocast():
-            return self.model(images)
+            return self.model(*inputs)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()

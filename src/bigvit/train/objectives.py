@@ -1,9 +1,12 @@
-"""The loss a run optimises: `objective(logits, labels, images) -> scalar loss`, built once from the config.
+"""The loss a run optimises, built once from `objective.name` (conf/objective/): per micro-batch the
+trainer feeds the model `objective.inputs(images, targets)` and takes `objective(outputs, targets, images)`
+as the loss, knowing nothing of what either computes.
 
-The trainer calls the objective on every micro-batch and knows nothing of what it computes. A base
-objective scores the model's logits against the labels (today: `Classify`; a `conf/objective/` group may
-choose among more); `distill.name` other than none wraps the base in distillation (train/distill.py),
-which keeps the base as its hard-label term.
+    classify  softmax cross-entropy against class numbers (or mixup's class probabilities)
+
+`distill.name` other than none wraps the base in distillation (train/distill.py), which keeps the base as
+its hard-label term. The targets are what `data.targets` reads (data/targets.py), which each objective's
+config sets.
 """
 
 from __future__ import annotations
@@ -20,8 +23,11 @@ DISTILLATION = ("none", "soft")
 
 
 class Objective(Protocol):
+    def inputs(self, images: torch.Tensor, targets: torch.Tensor) -> tuple:
+        """The model's forward arguments for a micro-batch (classification: the images alone)."""
+
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        """The mean loss of one micro-batch (a 0-d float32 tensor with autograd to `logits`)."""
+        """The mean loss of one micro-batch (a 0-d float32 tensor with autograd to the model's outputs)."""
 
     def figures(self, image_size: int) -> dict[str, float]:
         """What the objective costs or adds beyond the model, for logs and the summary (e.g. a teacher's
@@ -35,6 +41,9 @@ class Classify:
 
     label_smoothing: float = 0.0
 
+    def inputs(self, images: torch.Tensor, targets: torch.Tensor) -> tuple:
+        return (images,)
+
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
 
@@ -42,10 +51,22 @@ class Classify:
         return {}
 
 
+def build_classify(cfg, mesh, dims, device: torch.device) -> Classify:
+    return Classify(cfg.trainer.label_smoothing)
+
+
+# objective.name → builder(cfg, mesh, dims, device); a new objective is a module with a builder here and
+# a conf/objective/<name>.yaml.
+OBJECTIVES = {"classify": build_classify}
+
+
 def build_objective(cfg, mesh, dims, device: torch.device) -> Objective:
     """The run's objective: the base loss, wrapped in distillation where `distill.name` asks for it (its
     teacher is built with the run's layout on `mesh`/`dims`, a collective on every rank)."""
-    objective = Classify(cfg.trainer.label_smoothing)
+    name = cfg.objective.name if cfg.get("objective") is not None else "classify"
+    if name not in OBJECTIVES:
+        raise ConfigError(f"objective.name={name!r} is not one of {sorted(OBJECTIVES)} (objective=NAME)")
+    objective = OBJECTIVES[name](cfg, mesh, dims, device)
     distill = cfg.get("distill")
     name = distill.name if distill is not None else "none"
     if name not in DISTILLATION:

@@ -225,9 +225,10 @@ class Trainer:
         total_loss = torch.zeros((), device=self.env.device)
         self.engine.zero_grad()
         for micro in range(accum):
-            images, labels = scheduled_batch(self.data.device_batch, batches, self.env.device, stage)
-            logits = self.engine.forward(images, sync_grads=micro == accum - 1)
-            loss = self.objective(logits, labels, images)
+            images, targets = scheduled_batch(self.data.device_batch, batches, self.env.device, stage)
+            inputs = self.objective.inputs(images, targets)
+            outputs = self.engine.forward(*inputs, sync_grads=micro == accum - 1)
+            loss = self.objective(outputs, targets, images)
             self.engine.backward(loss / accum)
             total_loss += loss.detach()
         return total_loss / accum, self.engine.step()
