@@ -10,6 +10,7 @@ import yaml
 from bigvit.errors import ConfigError, did_you_mean
 from bigvit.models.convert import check_state_dict, import_safetensors
 from bigvit.models.resample import adapt_state_dict
+from bigvit.models.two_tower import TwoTower
 from bigvit.models.vit import ViT, ViTConfig
 
 MODEL_CONF_DIR = Path(__file__).resolve().parent.parent / "conf" / "model"
@@ -43,7 +44,8 @@ def build_model(
     weights: str | Path | None = None,
     **overrides,
 ) -> ViT:
-    """Build a ViT. With device="meta" no memory is allocated (sizes, planning, later sharding).
+    """Build a ViT, or an image–text TwoTower where the config has a text tower. With device="meta" no
+    memory is allocated (sizes, planning, later sharding).
 
     `weights`: a .safetensors file of full bigvit tensors (bigvit-export, bigvit-convert) loaded into it;
     position embeddings are resampled (and patch kernels resized) where the model's grid differs, and a
@@ -51,7 +53,7 @@ def build_model(
     """
     cfg = model_config(name_or_cfg, **overrides)
     with torch.device(device or "cpu"):
-        model = ViT(cfg)
+        model = TwoTower(cfg) if cfg.text is not None else ViT(cfg)
     if weights is not None:
         load_weights(model, weights)
     return model

@@ -8,7 +8,7 @@ column-wise split across ranks keeps whole heads together.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -21,9 +21,69 @@ from bigvit.models.resample import resample_pos_embed
 POOLS = ("cls", "gap", "map")
 
 
+def config_from_dict(cls, values: dict, prefix: str):
+    """`cls(**values)`; an unknown key is a ConfigError naming it (with the closest known key under `prefix`)."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        close = {key: hint for key in unknown if (hint := did_you_mean(key, known, prefix))}
+        hints = "; ".join(hint if len(unknown) == 1 else f"{key}: {hint}" for key, hint in close.items())
+        raise ConfigError(f"unknown {prefix[:-1]} key(s) {unknown}; {hints or f'valid keys are {sorted(known)}'}")
+    return cls(**values)
+
+
+@dataclass
+class TextConfig:
+    """The text tower of an image–text model (models/text.py), `model.text.*`: the ViT's pre-LN blocks
+    (bias, norm and attention options follow the image tower's) over token + position embeddings."""
+
+    vocab_size: int = 32000
+    context_length: int = 64
+    width: int = 768
+    depth: int = 12
+    mlp_dim: int = 3072
+    heads: int = 12
+    embed_dim: int | None = None  # the shared embedding width; None = the image tower's width
+
+    def __post_init__(self):
+        for key in ("vocab_size", "context_length", "width", "depth", "mlp_dim", "heads"):
+            if int(getattr(self, key)) <= 0:
+                raise ConfigError(f"model.text.{key}={getattr(self, key)} must be a positive integer")
+        if self.width % self.heads:
+            raise ConfigError(f"model.text.heads={self.heads} does not divide model.text.width={self.width}")
+        if self.embed_dim is not None and self.embed_dim <= 0:
+            raise ConfigError(f"model.text.embed_dim={self.embed_dim} must be a positive integer or null")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TextConfig:
+        return config_from_dict(cls, values, "model.text.")
+
+    def blocks(self, image: ViTConfig) -> ViTConfig:
+        """The config the text tower's blocks are built from: its sizes, the image tower's block options."""
+        return replace(
+            image.tower(),
+            name="text",
+            width=self.width,
+            depth=self.depth,
+            mlp_dim=self.mlp_dim,
+            heads=self.heads,
+            image_size=image.patch_size,  # one patch: the blocks never see the image fields
+            num_classes=0,
+            class_token=False,
+            pool="gap",
+            fc_norm=False,
+            num_registers=0,
+            drop_path=0.0,
+            patch_dropout=0.0,
+            window_size=0,
+            global_every=0,
+        )
+
+
 @dataclass
 class ViTConfig:
-    """Architecture of a ViT; field names are the keys of conf/model/*.yaml."""
+    """Architecture of a ViT; field names are the keys of conf/model/*.yaml. With `text` set it is the
+    image tower of an image–text (SigLIP) model whose text tower `text` describes (models/two_tower.py)."""
 
     name: str = "vit"
     image_size: int = 224
@@ -51,8 +111,11 @@ class ViTConfig:
     global_every: int = 0  # with window_size: every global_every-th block attends globally (0 = none)
     norm_eps: float = 1e-6
     attn_impl: str = "auto"
+    text: TextConfig | None = None
 
     def __post_init__(self):
+        if isinstance(self.text, dict):
+            self.text = TextConfig.from_dict(self.text)
         positive = ("image_size", "patch_size", "in_chans", "width", "depth", "mlp_dim", "heads")
         for key in positive:
             if int(getattr(self, key)) <= 0:
@@ -103,16 +166,19 @@ class ViTConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> ViTConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            close = {key: hint for key in unknown if (hint := did_you_mean(key, known, "model."))}
-            hints = "; ".join(hint if len(unknown) == 1 else f"{key}: {hint}" for key, hint in close.items())
-            raise ConfigError(f"unknown model key(s) {unknown}; {hints or f'valid keys are {sorted(known)}'}")
-        return cls(**values)
+        return config_from_dict(cls, values, "model.")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def embed_dim(self) -> int:
+        """An image–text model's shared embedding width (the image tower's output)."""
+        return (self.text.embed_dim if self.text is not None else None) or self.width
+
+    def tower(self, **changes) -> ViTConfig:
+        """This config without its text tower (the image tower alone), with `changes`."""
+        return replace(self, text=None, **changes)
 
     @property
     def head_dim(self) -> int:
@@ -295,6 +361,19 @@ class MAPHead(nn.Module):
         return out[:, 0]
 
 
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, token_multiple: int) -> torch.Tensor:
+    """(B, N, W) tokens through `blocks`, run on the sequence padded with trailing zero tokens to a
+    multiple of `token_multiple` (masked out of attention), the padding dropped again after them."""
+    tokens = x.shape[1]
+    padded = padded_length(tokens, token_multiple)
+    valid = tokens if padded > tokens else None
+    if valid:
+        x = torch.cat([x, x.new_zeros(x.shape[0], padded - tokens, x.shape[2])], dim=1)
+    for block in blocks:
+        x = block(x, valid_tokens=valid)
+    return x[:, :tokens] if valid else x
+
+
 class ViT(nn.Module):
     """Patch embedding → [class token, registers] + learned positions → blocks → norm → pool → head
     (with cfg.fc_norm: blocks → pool → norm → head, timm's `fc_norm`).
@@ -355,16 +434,8 @@ class ViT(nn.Module):
         return self.map_head(x)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.embed(images)
-        tokens = x.shape[1]
-        padded = padded_length(tokens, self.token_multiple)
-        valid = tokens if padded > tokens else None
-        if valid:
-            x = torch.cat([x, x.new_zeros(x.shape[0], padded - tokens, x.shape[2])], dim=1)
-        for block in self.blocks:
-            x = block(x, valid_tokens=valid)
-        x = x if self.cfg.fc_norm else self.norm(x)  # fc_norm: forward() norms the pooled feature
-        return x[:, :tokens] if valid else x
+        x = run_blocks(self.blocks, self.embed(images), self.token_multiple)
+        return x if self.cfg.fc_norm else self.norm(x)  # fc_norm: forward() norms the pooled feature
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         pooled = self.pool(self.forward_features(images))

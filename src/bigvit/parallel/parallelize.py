@@ -30,6 +30,13 @@ from torch.distributed.tensor import DTensor, Shard
 from bigvit.errors import ConfigError
 from bigvit.parallel.mesh import ParallelDims, dp_mesh
 
+
+def towers(model: nn.Module) -> tuple[nn.Module, ...]:
+    """The parts of `model` with transformer blocks: the ViT itself, or an image–text model's two towers
+    (each shaped like a ViT: `cfg`, `blocks`, `token_multiple`), which every step below treats alike."""
+    return model.towers() if hasattr(model, "towers") else (model,)
+
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 AC_MODES = ("none", "full", "selective")
 
@@ -41,16 +48,18 @@ def apply_ac(model: nn.Module, mode: str, every: int = 1) -> None:
     if mode == "none":
         return
     stride = 1 if mode == "full" else max(int(every), 1)
-    for index, block in enumerate(model.blocks):
-        if index % stride == 0:
-            model.blocks[index] = checkpoint_wrapper(block, preserve_rng_state=True)
+    for tower in towers(model):
+        for index, block in enumerate(tower.blocks):
+            if index % stride == 0:
+                tower.blocks[index] = checkpoint_wrapper(block, preserve_rng_state=True)
 
 
 def apply_compile(model: nn.Module, **options) -> None:
     """Compile each block separately: blocks are identical, so one graph is reused and compile stays
     short. `options` go to torch.compile (e.g. backend)."""
-    for index, block in enumerate(model.blocks):
-        model.blocks[index] = torch.compile(block, **options)
+    for tower in towers(model):
+        for index, block in enumerate(tower.blocks):
+            tower.blocks[index] = torch.compile(block, **options)
 
 
 def largest_dim_placement(shard_degree: int) -> Callable[[nn.Parameter], Shard | None]:
@@ -69,7 +78,8 @@ def largest_dim_placement(shard_degree: int) -> Callable[[nn.Parameter], Shard |
 
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, cfg, precision: str) -> None:
-    """FSDP2: shard each block, then the root (embeddings, final norm, heads)."""
+    """FSDP2: shard each block, then each tower of a two-tower model, then the root (embeddings, final
+    norm, heads; an image–text model's temperature and bias)."""
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[precision], reduce_dtype=DTYPES[cfg.reduce_dtype])
     # Pinned host memory needs an accelerator; on a CPU-only machine offload without pinning.
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cfg.cpu_offload else OffloadPolicy()
@@ -80,10 +90,14 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, cfg, precision: str) -> None:
         offload_policy=offload,
         shard_placement_fn=largest_dim_placement(mesh.shape[-1]),
     )
-    for index, block in enumerate(model.blocks):
-        # The last block's parameters are needed again at once by backward: keep them gathered.
-        last = index == len(model.blocks) - 1
-        fully_shard(block, reshard_after_forward=False if last and reshard is True else reshard, **common)
+    parts = towers(model)
+    for tower in parts:
+        for index, block in enumerate(tower.blocks):
+            # The last block's parameters are needed again at once by backward: keep them gathered.
+            last = index == len(tower.blocks) - 1
+            fully_shard(block, reshard_after_forward=False if last and reshard is True else reshard, **common)
+        if tower is not model:  # its own unit: a tower can run alone (zero-shot prompts embed texts only)
+            fully_shard(tower, reshard_after_forward=reshard, **common)
     fully_shard(model, reshard_after_forward=reshard, **common)
 
 
@@ -140,6 +154,11 @@ def parallelize(
     if dims.cp > 1:
         from bigvit.parallel.context import apply_cp
 
+        if len(towers(model)) > 1:
+            raise ConfigError(
+                f"parallel.cp={dims.cp}: context parallelism shards one image's tokens, which an image–text "
+                "model's loss over whole captions and images does not use; use parallel=fsdp or fsdp_tp"
+            )
         apply_cp(model, mesh["cp"])
     apply_ac(model, cfg.activation_checkpointing, cfg.get("ac_every", 1))
     if cfg.compile:

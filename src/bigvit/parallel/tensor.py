@@ -92,6 +92,17 @@ class ReplicatedModel(Replicated):
         return super()._prepare_output(module, output, mesh).clone()
 
 
+class ReplicatedRoot(ParallelStyle):
+    """An image–text model around its (already split) towers: its own parameters (temperature, bias)
+    replicated on the mesh, its outputs handed on as plain tensors (the towers' are already)."""
+
+    def _apply(self, module: nn.Module, mesh: DeviceMesh) -> nn.Module:
+        def to_local(module, outputs, mesh):
+            return tuple(x.to_local() if isinstance(x, DTensor) else x for x in outputs)
+
+        return distribute_module(module, mesh, None, None, to_local)
+
+
 def check_tp_layout(cfg, tp: int, sequence_parallel: bool) -> None:
     """Raise ConfigError unless heads and MLP width split over `tp` (tokens always do: with sequence
     parallel the model pads its sequence to a multiple of tp)."""
@@ -137,8 +148,18 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = Tr
 
     The ranks of a tp group must be fed the same images; the model still returns full logits,
     identical on each of them. Every parameter becomes a DTensor on `tp_mesh`. Raises ConfigError
-    (at start-up, before any weight exists) when heads, mlp_dim or tokens do not split over tp.
+    (at start-up, before any weight exists) when heads or mlp_dim do not split over tp. An image–text
+    model's towers are each split the same way, its temperature and bias replicated.
     """
+    parts = model.towers() if hasattr(model, "towers") else (model,)
+    for tower in parts:
+        apply_tp_tower(tower, tp_mesh, sequence_parallel)
+    if parts != (model,):
+        parallelize_module(model, tp_mesh, ReplicatedRoot())
+
+
+def apply_tp_tower(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
+    """apply_tp for one ViT-shaped tower: its blocks, MAP head, and the rest replicated around them."""
     check_tp_layout(model.cfg, tp_mesh.size(), sequence_parallel)
     if sequence_parallel:
         model.token_multiple *= tp_mesh.size()
@@ -156,7 +177,7 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = Tr
             use_local_output=False,
         )
         parallelize_module(block, tp_mesh, boundary)
-    if model.map_head is not None:
+    if getattr(model, "map_head", None) is not None:
         # The pooling head is as wide as a block (ViT-22B: ~450M parameters): split it the same way,
         # full sequence in, full pooled features out; its attention runs on this rank's heads.
         parallelize_module(
@@ -170,7 +191,8 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = Tr
                 "mlp.fc2": RowwiseParallel(use_local_output=False),
             },
         )
-    parallelize_module(model.patch_drop, tp_mesh, LocalModule())
+    if hasattr(model, "patch_drop"):
+        parallelize_module(model.patch_drop, tp_mesh, LocalModule())
     # Embeddings, final norm, pooling and head: replicated, run on replicated DTensors. The last block
     # hands back a replicated (gathered) stream, so the final norm sees whole sequences, or with
     # model.fc_norm the pooled features, under sequence parallel as without it.

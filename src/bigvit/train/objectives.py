@@ -3,6 +3,7 @@ trainer feeds the model `objective.inputs(images, targets)` and takes `objective
 as the loss, knowing nothing of what either computes.
 
     classify  softmax cross-entropy against class numbers (or mixup's class probabilities)
+    siglip    the pairwise sigmoid loss of image–caption pairs (train/siglip.py), for a TwoTower model
 
 `distill.name` other than none wraps the base in distillation (train/distill.py), which keeps the base as
 its hard-label term. The targets are what `data.targets` reads (data/targets.py), which each objective's
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from bigvit.errors import ConfigError
+from bigvit.train.siglip import build_siglip
 
 DISTILLATION = ("none", "soft")
 
@@ -57,7 +59,7 @@ def build_classify(cfg, mesh, dims, device: torch.device) -> Classify:
 
 # objective.name → builder(cfg, mesh, dims, device); a new objective is a module with a builder here and
 # a conf/objective/<name>.yaml.
-OBJECTIVES = {"classify": build_classify}
+OBJECTIVES = {"classify": build_classify, "siglip": build_siglip}
 
 
 def build_objective(cfg, mesh, dims, device: torch.device) -> Objective:
