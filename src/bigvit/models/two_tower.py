@@ -19,8 +19,10 @@ LOGIT_BIAS_INIT = -10.0
 
 
 class TwoTower(nn.Module):
-    """`forward(images, tokens)` → (image embeddings, text embeddings, t', b): embeddings L2-normalized,
-    (B, embed_dim) each, or None for an input not given (zero-shot prompts embed texts alone)."""
+    """`forward(images, tokens)` → (image embeddings, text embeddings, temperature e^t', bias b): embeddings
+    L2-normalized, (B, embed_dim) each, or None for an input not given (zero-shot prompts embed texts
+    alone); temperature and bias (1,) tensors computed from the parameters, never the parameters
+    themselves (FSDP2 frees an unsharded parameter after the forward)."""
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
@@ -52,7 +54,7 @@ class TwoTower(nn.Module):
             return self.image(images)
         zimg = F.normalize(self.image(images).float(), dim=-1) if images is not None else None
         ztxt = F.normalize(self.text(tokens).float(), dim=-1) if tokens is not None else None
-        return zimg, ztxt, self.logit_scale, self.logit_bias
+        return zimg, ztxt, self.logit_scale.exp(), self.logit_bias * 1.0
 
     @torch.no_grad()
     def init_parameter_(self, name: str, tensor: torch.Tensor, generator: torch.Generator) -> None:

@@ -441,7 +441,10 @@ class ViT(nn.Module):
         pooled = self.pool(self.forward_features(images))
         if self.cfg.fc_norm:
             pooled = self.norm(pooled)
-        return pooled if self.features_only else self.head(pooled)
+        if self.features_only or isinstance(self.head, nn.Identity):
+            # A fresh tensor rather than a view of the tokens: FSDP2 hooks a module's output for backward.
+            return pooled.clone() if pooled._base is not None else pooled
+        return self.head(pooled)
 
     @torch.no_grad()
     def init_parameter_(self, name: str, tensor: torch.Tensor, generator: torch.Generator) -> None:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
+from torch.distributed._functional_collectives import all_gather_tensor_autograd
 
 from bigvit.errors import ConfigError
 
@@ -25,16 +25,16 @@ def gathered_with_grad(x: torch.Tensor, group) -> tuple[list[torch.Tensor], int]
     """(every rank's `x` in rank order, this rank's index): autograd flows back to each owner."""
     if group is None or dist.get_world_size(group) == 1:
         return [x], 0
-    return list(dist_nn.all_gather(x, group=group)), dist.get_rank(group)
+    return list(all_gather_tensor_autograd(x, 0, group).chunk(dist.get_world_size(group))), dist.get_rank(group)
 
 
 def sigmoid_pair_loss(
-    zimg: torch.Tensor, ztxt: torch.Tensor, log_scale: torch.Tensor, bias: torch.Tensor, group=None
+    zimg: torch.Tensor, ztxt: torch.Tensor, temperature: torch.Tensor, bias: torch.Tensor, group=None
 ) -> torch.Tensor:
     """This rank's share of L (module docstring): its (b, D) images against the texts of every rank in
     `group` (None: one process, the whole batch here). Chunk by chunk: the largest tensor is b × b."""
     texts, own = gathered_with_grad(ztxt, group)
-    scale = log_scale.float().exp()
+    scale = temperature.float()
     total = zimg.new_zeros((), dtype=torch.float32)
     for index, chunk in enumerate(texts):
         logits = scale * (zimg.float() @ chunk.float().T) + bias.float()
@@ -57,15 +57,15 @@ class SigLIP:
         return images, tokens
 
     def __call__(self, outputs, tokens: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        zimg, ztxt, log_scale, bias = outputs
-        self.seen = (log_scale.detach(), bias.detach())
-        return sigmoid_pair_loss(zimg, ztxt, log_scale, bias, self.group)
+        zimg, ztxt, temperature, bias = outputs
+        self.seen = (temperature.detach(), bias.detach())
+        return sigmoid_pair_loss(zimg, ztxt, temperature, bias, self.group)
 
     def figures(self, image_size: int) -> dict[str, float]:
         if self.seen is None:
             return {}
-        log_scale, bias = self.seen
-        return {"siglip_temperature": log_scale.exp().item(), "siglip_bias": bias.item()}
+        temperature, bias = self.seen
+        return {"siglip_temperature": temperature.item(), "siglip_bias": bias.item()}
 
 
 def data_parallel_group(mesh, dims):

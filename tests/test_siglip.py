@@ -1,0 +1,145 @@
+"""SigLIP: the distributed pairwise sigmoid loss equals one process's on the same global batch, in loss and
+in every gradient (both towers, temperature, bias), under FSDP2 on 2 and 4 real gloo processes, and no
+rank ever holds a global-batch × global-batch tensor."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import bigvit
+from bigvit.models.two_tower import LOGIT_BIAS_INIT, LOGIT_SCALE_INIT, TwoTower
+from bigvit.parallel.distributed import teardown
+from bigvit.parallel.materialize import materialize
+from bigvit.parallel.mesh import build_mesh, resolve_dims
+from bigvit.parallel.parallelize import apply_fsdp
+from bigvit.train.siglip import data_parallel_group, sigmoid_pair_loss
+from tests.helpers import free_port
+
+GLOBAL_BATCH = 12  # no model dimension is 12, so a (12, 12) tensor can only be the global similarity matrix
+VOCAB, CONTEXT = 50, 8
+TOWERS = dict(
+    depth=2, width=32, heads=2, mlp_dim=64, image_size=16, patch_size=4, num_classes=10, class_token=False,
+    pool="map",
+    text=dict(vocab_size=VOCAB, context_length=CONTEXT, width=24, depth=2, heads=2, mlp_dim=48),
+)
+
+
+class _FsdpCfg:
+    reduce_dtype = "fp32"
+    cpu_offload = False
+    reshard_after_forward = True
+
+
+class Shapes(TorchDispatchMode):
+    """Records the shape of every tensor an op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: set[tuple[int, ...]] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(value, torch.Tensor):
+                self.shapes.add(tuple(value.shape))
+        return out
+
+
+def pairs_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    images = torch.randn(GLOBAL_BATCH, 3, 16, 16, generator=generator)
+    tokens = torch.randint(0, VOCAB, (GLOBAL_BATCH, CONTEXT), generator=generator)
+    return images, tokens
+
+
+def loss_and_grads(model, images, tokens, group) -> tuple[torch.Tensor, dict, set]:
+    recorder = Shapes()
+    with recorder:
+        loss = sigmoid_pair_loss(*model(images, tokens), group)
+        loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    return loss.detach(), grads, recorder.shapes
+
+
+def distributed_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+        model = bigvit.build_model(TOWERS, device="meta")
+        dims = resolve_dims({"dp_shard": -1}, world_size)
+        mesh = build_mesh(dims, "cpu")
+        apply_fsdp(model, mesh["dp_shard"], cfg=_FsdpCfg(), precision="fp32")
+        materialize(model, torch.device("cpu"), seed=7)
+        images, tokens = pairs_batch()
+        local = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
+        loss, grads, shapes = loss_and_grads(model, images[local], tokens[local], data_parallel_group(mesh, dims))
+        dist.all_reduce(loss)  # the mean over ranks is the global loss
+        full = {name: grad.full_tensor() for name, grad in grads.items()}
+        if rank == 0:
+            torch.save({"loss": loss / world_size, "grads": full, "shapes": sorted(shapes)}, out)
+    finally:
+        teardown()
+
+
+@pytest.fixture(scope="module")
+def single():
+    model = materialize(bigvit.build_model(TOWERS, device="meta"), torch.device("cpu"), seed=7)
+    return loss_and_grads(model, *pairs_batch(), None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_distributed_sigmoid_loss_and_gradients_equal_one_process(world_size, single, tmp_path):
+    out = str(tmp_path / "result.pt")
+    mp.spawn(distributed_worker, args=(world_size, free_port(), out), nprocs=world_size, join=True)
+    result = torch.load(out)
+    loss, grads, single_shapes = single
+    assert abs(result["loss"].item() - loss.item()) <= 1e-6 * max(1.0, abs(loss.item()))
+    assert result["grads"].keys() == grads.keys()
+    for name, grad in grads.items():
+        # fp32: within 1e-5 of the tensor's gradient scale (some reach ~200 at the initial bias of -10).
+        scale = max(1.0, grad.abs().max().item())
+        torch.testing.assert_close(result["grads"][name], grad, rtol=0, atol=1e-5 * scale, msg=name)
+    # Both towers, the temperature and the bias all learn.
+    for name in ("image.blocks.0.attn.qkv.weight", "text.blocks.0.attn.qkv.weight", "logit_scale", "logit_bias"):
+        assert grads[name].abs().max() > 1e-6, name
+    # One process scores the whole batch at once (the check below can fail); a rank never does.
+    assert (GLOBAL_BATCH, GLOBAL_BATCH) in single_shapes
+    local = GLOBAL_BATCH // world_size
+    assert (local, local) in result["shapes"]
+    assert not [s for s in result["shapes"] if sum(d == GLOBAL_BATCH for d in s) >= 2]
+
+
+def test_sigmoid_loss_equals_the_papers_formula():
+    generator = torch.Generator().manual_seed(0)
+    zimg = F.normalize(torch.randn(5, 7, generator=generator), dim=-1)
+    ztxt = F.normalize(torch.randn(5, 7, generator=generator), dim=-1)
+    temperature, bias = torch.tensor([0.7]).exp(), torch.tensor([-2.0])
+    expected = 0.0
+    for i in range(5):
+        for j in range(5):
+            z = 1.0 if i == j else -1.0
+            logit = temperature.item() * float(zimg[i] @ ztxt[j]) + bias.item()
+            expected -= float(torch.log(torch.sigmoid(torch.tensor(z * logit, dtype=torch.float64))))
+    loss = sigmoid_pair_loss(zimg, ztxt, temperature, bias)
+    assert abs(loss.item() - expected / 5) < 1e-6
+
+
+def test_two_tower_starts_at_the_papers_temperature_and_bias_with_unit_embeddings():
+    model = materialize(bigvit.build_model(TOWERS, device="meta"), torch.device("cpu"), seed=0)
+    assert isinstance(model, TwoTower)
+    assert model.logit_scale.item() == pytest.approx(LOGIT_SCALE_INIT) and LOGIT_SCALE_INIT == pytest.approx(2.302585)
+    assert model.logit_bias.item() == LOGIT_BIAS_INIT == -10.0
+    zimg, ztxt, temperature, bias = model(*pairs_batch())
+    assert temperature.item() == pytest.approx(10.0) and bias.item() == -10.0
+    torch.testing.assert_close(zimg.norm(dim=-1), torch.ones(GLOBAL_BATCH))
+    torch.testing.assert_close(ztxt.norm(dim=-1), torch.ones(GLOBAL_BATCH))
+    # Texts alone (zero-shot prompts): the same embeddings.
+    _, alone, _, _ = model(None, pairs_batch()[1])
+    torch.testing.assert_close(alone, ztxt)
