@@ -12,14 +12,15 @@ import webdataset as wds
 
 from bigvit.data.digit_strings import DigitStringStream
 from bigvit.data.reader import is_local, shard_sizes
-from bigvit.data.shards import ensure_digits, split_urls
+from bigvit.data.shards import caption_spec, ensure_digits, split_urls
 from bigvit.data.stream import EvalStream, ResumableLoader, Source, TrainStream, merge_states
 from bigvit.data.synthetic import SyntheticStream
 from bigvit.data.targets import build_targets
+from bigvit.data.tokenizer import DEFAULT_VOCAB_SIZE, CaptionTokenizer
 from bigvit.data.transforms import BatchPrep, Mixup, eval_transform, on_device, train_transform
 from bigvit.errors import ConfigError
 
-__all__ = ["DataBundle", "build_data", "expand_urls", "merge_states", "prepare"]
+__all__ = ["DataBundle", "build_data", "digits_captions", "expand_urls", "merge_states", "prepare"]
 
 
 @dataclass
@@ -37,6 +38,8 @@ class DataBundle:
     # One pass over the training split with evaluation preprocessing (each sample once across ranks, as
     # make_eval's): the support pool of few-shot probes. None where the data has none.
     make_support: Callable[[], Iterable[dict]] | None = None
+    # The tokenizer of the captions in the batches' "tokens" (data.targets=caption); None for other targets.
+    tokenizer: CaptionTokenizer | None = None
 
 
 def expand_urls(spec: str | list[str], key: str) -> list[str]:
@@ -58,9 +61,19 @@ def expand_urls(spec: str | list[str], key: str) -> list[str]:
     return urls
 
 
+def digits_captions(cfg) -> dict | None:
+    """What data.kind=digits captions its shards with (shards.caption_spec), or None without data.captions."""
+    if not cfg.get("captions"):
+        return None
+    try:
+        return caption_spec(cfg.class_names, cfg.templates, cfg.get("vocab_size", DEFAULT_VOCAB_SIZE))
+    except ValueError as error:
+        raise ConfigError(f"data.captions=true: data.class_names/data.templates: {error}") from None
+
+
 def shard_urls(cfg, split_key: str) -> list[str] | None:
     if cfg.kind == "digits":
-        index = ensure_digits(cfg.root, cfg.image_size, cfg.split_seed)
+        index = ensure_digits(cfg.root, cfg.image_size, cfg.split_seed, digits_captions(cfg))
         return split_urls(cfg.root, index, {"train_urls": "train", "eval_urls": "test"}[split_key])
     spec = cfg.get(split_key)
     return expand_urls(spec, split_key) if spec else None
@@ -69,7 +82,7 @@ def shard_urls(cfg, split_key: str) -> list[str] | None:
 def prepare(cfg) -> None:
     """One-time work before training (run by one process, the others wait): writes the digits shards."""
     if cfg.kind == "digits":
-        ensure_digits(cfg.root, cfg.image_size, cfg.split_seed)
+        ensure_digits(cfg.root, cfg.image_size, cfg.split_seed, digits_captions(cfg))
 
 
 def train_sources(cfg) -> list[Source]:
@@ -114,11 +127,12 @@ def build_mix(cfg) -> Mixup | None:
 def build_shard_data(cfg, *, rank: int, world_size: int, local_batch: int, seed: int) -> DataBundle:
     aug, on_error, draft = cfg.augment, cfg.get("on_error", "warn"), cfg.get("jpeg_draft", True)
     interpolation = aug.get("interpolation", "bicubic")
+    sources = train_sources(cfg)  # first: digits shards (and their tokenizer) are written here when missing
     targets = build_targets(cfg)
     device_batch = BatchPrep(cfg.image_size, cfg.mean, cfg.std, build_mix(cfg), interpolation)
     eval_batch = BatchPrep(cfg.image_size, cfg.mean, cfg.std, None, interpolation)
     stream = TrainStream(
-        train_sources(cfg),
+        sources,
         local_batch,
         train_transform(cfg.image_size, aug.scale, aug.ratio, aug.hflip, draft),
         rank=rank,
@@ -147,7 +161,7 @@ def build_shard_data(cfg, *, rank: int, world_size: int, local_batch: int, seed:
             )
             return ResumableLoader.plain_loader(stream, cfg.num_workers)
 
-    support_urls = [url for source in train_sources(cfg) for url in source.urls]
+    support_urls = [url for source in sources for url in source.urls]
 
     def make_support():
         stream = EvalStream(
@@ -155,7 +169,14 @@ def build_shard_data(cfg, *, rank: int, world_size: int, local_batch: int, seed:
         )
         return ResumableLoader.plain_loader(stream, cfg.num_workers)
 
-    return DataBundle(ResumableLoader(stream, cfg.num_workers), make_eval, device_batch, eval_batch, make_support)
+    return DataBundle(
+        ResumableLoader(stream, cfg.num_workers),
+        make_eval,
+        device_batch,
+        eval_batch,
+        make_support,
+        tokenizer=getattr(targets, "tokenizer", None),
+    )
 
 
 def build_synthetic_data(cfg, *, rank: int, world_size: int, local_batch: int, seed: int) -> DataBundle:

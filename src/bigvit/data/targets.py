@@ -5,16 +5,23 @@ a SampleError for a sample that lacks them or holds bad ones: a counted skip lik
 list of those into the batch's tensors (`collate`). The image is read by the stream, never here.
 
     class    `.cls` → "label" long (B,): softmax classification (the default)
+    caption  `.txt` (or the "caption" of `.json`) → "tokens" long (B, data.context_length), ids of
+             the run's tokenizer (data/tokenizer.py, `data.tokenizer`); and "label" long (B,) from
+             `.cls`, -1 for a sample without one (zero-shot evaluation reads labelled eval shards)
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Protocol
 
 import torch
+import webdataset as wds
 
-from bigvit.data.reader import SampleError
+from bigvit.data.reader import SampleError, is_local
+from bigvit.data.tokenizer import CaptionTokenizer, build_tokenizer
 from bigvit.errors import ConfigError
 
 
@@ -50,8 +57,71 @@ class ClassLabel:
         return {"label": torch.tensor([item["label"] for item in items], dtype=torch.long)}
 
 
+def caption_text(sample: dict) -> str:
+    """The caption of a raw sample, stripped: its `.txt`, else the "caption" of its `.json`. A SampleError
+    naming the sample when it has neither (kind "missing"), or one that is not UTF-8 or is empty ("decode")."""
+    if "txt" in sample:
+        raw, where = sample["txt"], ".txt"
+    elif "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise SampleError(sample, f"has a .json that is not JSON ({error})") from error
+        if not isinstance(meta, dict) or "caption" not in meta:
+            raise SampleError(sample, "lacks a caption: no .txt entry and no \"caption\" in its .json", kind="missing")
+        raw, where = meta["caption"], '.json "caption"'
+    else:
+        raise SampleError(
+            sample, f"lacks a caption (.txt or .json); it has {sorted(k for k in sample if k[:2] != '__')}", kind="missing"
+        )
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+    except UnicodeDecodeError as error:
+        raise SampleError(sample, f"has a {where} caption that is not UTF-8 ({error})") from error
+    if not text.strip():
+        raise SampleError(sample, f"has an empty {where} caption {text[:20]!r}")
+    return text.strip()
+
+
+class Caption:
+    """A caption per image as `tokenizer` ids (tokenized here, in the dataloader worker), and the class
+    number when the sample has a `.cls`. Pickles with its tokenizer into every worker."""
+
+    def __init__(self, tokenizer: CaptionTokenizer):
+        self.tokenizer = tokenizer
+
+    def read(self, sample: dict) -> dict:
+        tokens = self.tokenizer.row(caption_text(sample))
+        label = ClassLabel().read(sample)["label"] if "cls" in sample else -1
+        return {"tokens": tokens, "label": label}
+
+    def collate(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
+        return {
+            "tokens": torch.tensor([item["tokens"] for item in items], dtype=torch.long),
+            "label": torch.tensor([item["label"] for item in items], dtype=torch.long),
+        }
+
+
+def shard_folders(cfg) -> list[Path]:
+    """The folders of the local training shards a data config names (digits: its root): where
+    data.tokenizer=auto looks for the shards' tokenizer.json."""
+    if cfg.get("kind") == "digits":
+        return [Path(cfg.root)]
+    specs = [cfg.get("train_urls")] if cfg.get("train_urls") else [s.get("urls") for s in cfg.get("sources") or []]
+    folders = set()
+    for spec in specs:
+        for item in [spec] if isinstance(spec, str) else list(spec or []):
+            folders.update(Path(url).parent for url in wds.shardlists.expand_urls(str(item)) if is_local(url))
+    return sorted(folders)
+
+
+def caption_reader(cfg) -> Caption:
+    tokenizer = build_tokenizer(cfg.get("tokenizer", "auto"), cfg.get("context_length", 64), shard_folders(cfg))
+    return Caption(tokenizer)
+
+
 # data.targets → a reader built from the data config.
-READERS: dict[str, Callable[..., Targets]] = {"class": lambda cfg: ClassLabel()}
+READERS: dict[str, Callable[..., Targets]] = {"class": lambda cfg: ClassLabel(), "caption": caption_reader}
 
 
 def build_targets(cfg) -> Targets:
