@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import bigvit
-from bigvit.models.two_tower import LOGIT_BIAS_INIT, LOGIT_SCALE_INIT, TwoTower
+from bigvit.models.two_tower import TwoTower
 from bigvit.parallel.distributed import teardown
 from bigvit.parallel.materialize import materialize
 from bigvit.parallel.mesh import build_mesh, resolve_dims
@@ -87,6 +87,26 @@ def distributed_worker(rank: int, world_size: int, port: int, out: str) -> None:
         teardown()
 
 
+def tensor_parallel_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    """Both towers split over tp=2 ranks with sequence parallel: every rank scores the whole batch."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        torch.set_num_threads(1)
+        from bigvit.parallel.tensor import apply_tp
+
+        model = bigvit.build_model(TOWERS, device="meta")
+        mesh = build_mesh(resolve_dims({"tp": -1}, world_size), "cpu")
+        apply_tp(model, mesh["tp"], sequence_parallel=True)
+        materialize(model, torch.device("cpu"), seed=7)
+        loss, grads, _ = loss_and_grads(model, *pairs_batch(), None)
+        full = {name: grad.full_tensor() for name, grad in grads.items()}
+        if rank == 0:
+            torch.save({"loss": loss, "grads": full, "text_multiple": model.text.token_multiple}, out)
+    finally:
+        teardown()
+
+
 @pytest.fixture(scope="module")
 def single():
     model = materialize(bigvit.build_model(TOWERS, device="meta"), torch.device("cpu"), seed=7)
@@ -116,6 +136,19 @@ def test_distributed_sigmoid_loss_and_gradients_equal_one_process(world_size, si
     assert not [s for s in result["shapes"] if sum(d == GLOBAL_BATCH for d in s) >= 2]
 
 
+@pytest.mark.slow
+def test_tensor_parallel_towers_equal_one_process(single, tmp_path):
+    out = str(tmp_path / "tp.pt")
+    mp.spawn(tensor_parallel_worker, args=(2, free_port(), out), nprocs=2, join=True)
+    result = torch.load(out)
+    loss, grads, _ = single
+    assert result["text_multiple"] == 2  # the text tower's tokens are sharded too
+    assert abs(result["loss"].item() - loss.item()) <= 1e-6 * max(1.0, abs(loss.item()))
+    for name, grad in grads.items():
+        scale = max(1.0, grad.abs().max().item())
+        torch.testing.assert_close(result["grads"][name], grad, rtol=0, atol=1e-5 * scale, msg=name)
+
+
 def test_sigmoid_loss_equals_the_papers_formula():
     generator = torch.Generator().manual_seed(0)
     zimg = F.normalize(torch.randn(5, 7, generator=generator), dim=-1)
@@ -134,8 +167,8 @@ def test_sigmoid_loss_equals_the_papers_formula():
 def test_two_tower_starts_at_the_papers_temperature_and_bias_with_unit_embeddings():
     model = materialize(bigvit.build_model(TOWERS, device="meta"), torch.device("cpu"), seed=0)
     assert isinstance(model, TwoTower)
-    assert model.logit_scale.item() == pytest.approx(LOGIT_SCALE_INIT) and LOGIT_SCALE_INIT == pytest.approx(2.302585)
-    assert model.logit_bias.item() == LOGIT_BIAS_INIT == -10.0
+    assert model.logit_scale.item() == pytest.approx(2.302585)  # log 10
+    assert model.logit_bias.item() == -10.0
     zimg, ztxt, temperature, bias = model(*pairs_batch())
     assert temperature.item() == pytest.approx(10.0) and bias.item() == -10.0
     torch.testing.assert_close(zimg.norm(dim=-1), torch.ones(GLOBAL_BATCH))
@@ -143,3 +176,58 @@ def test_two_tower_starts_at_the_papers_temperature_and_bias_with_unit_embedding
     # Texts alone (zero-shot prompts): the same embeddings.
     _, alone, _, _ = model(None, pairs_batch()[1])
     torch.testing.assert_close(alone, ztxt)
+
+
+# -- sizes ------------------------------------------------------------------------------------------
+
+
+def published_tower(width: int, depth: int, mlp: int, patch: int, image: int) -> int:
+    """A SigLIP image tower from its published dimensions: patch conv, positions (no class token),
+    pre-LN blocks with biases, final LN, MAP head (probe, q/kv/out projections, LN, MLP), no projection."""
+    block = 2 * 2 * width + (3 * width * width + 3 * width) + (width * width + width) + (2 * width * mlp + mlp + width)
+    patches = (image // patch) ** 2
+    map_head = width + (3 * width * width + 3 * width) + (width * width + width) + 2 * width + (2 * width * mlp + mlp + width)
+    return (3 * patch * patch * width + width) + patches * width + depth * block + 2 * width + map_head
+
+
+def published_text(width: int, depth: int, mlp: int, vocab: int, length: int, embed: int) -> int:
+    block = 2 * 2 * width + (3 * width * width + 3 * width) + (width * width + width) + (2 * width * mlp + mlp + width)
+    return vocab * width + length * width + depth * block + 2 * width + (width * embed + embed)
+
+
+@pytest.mark.parametrize(
+    "name,image,text",
+    [
+        # Zhai et al. 2023: B/16 at 224 px, text B over 64 tokens of 32k (203.16M in all).
+        ("siglip_b16", dict(width=768, depth=12, mlp=3072, patch=16, image=224), dict(length=64)),
+        # Alabdulmohsin et al. 2023: So400m/14 at 224 px, a text tower of the same shape over 16 tokens.
+        ("siglip_so400m14", dict(width=1152, depth=27, mlp=4304, patch=14, image=224), dict(length=16)),
+    ],
+)
+def test_siglip_parameter_counts_equal_the_published_dimensions(name, image, text):
+    from bigvit.scaling.flops import param_breakdown, param_count
+
+    model = bigvit.build_model(name, device="meta")
+    expected_image = published_tower(**image)
+    expected_text = published_text(image["width"], image["depth"], image["mlp"], 32000, text["length"], image["width"])
+    expected = expected_image + expected_text + 2  # + temperature and bias
+    assert bigvit.count_params(model.image) == expected_image
+    assert bigvit.count_params(model.text) == expected_text
+    assert bigvit.count_params(model) == param_count(model.cfg) == expected
+    assert param_breakdown(model.cfg)["text"] == expected_text
+    if name == "siglip_b16":
+        assert round(expected / 1e4) == 20316  # the released checkpoint's 203.16M
+
+
+def test_text_tower_flops_are_counted_in_training_flops():
+    from bigvit.scaling.flops import forward_flops_breakdown, train_flops
+
+    cfg = bigvit.model_config("siglip_b16")
+    parts = forward_flops_breakdown(cfg)
+    # 12 blocks over 64 tokens: qkv + out proj + MLP + attention scores/values, 2 FLOPs per multiply-add.
+    width, tokens = 768, 64
+    block = 2 * tokens * width * 3 * width + 2 * tokens * width * width + 4 * tokens * width * 3072 + 4 * tokens**2 * width
+    assert parts["text_blocks"] == 12 * block
+    assert parts["text_head"] == 2 * width * width and parts["head"] == 0
+    assert train_flops(cfg) == 3 * sum(parts.values())
+    assert train_flops(cfg) > train_flops(cfg.tower(num_classes=0))

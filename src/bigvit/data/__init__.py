@@ -129,7 +129,13 @@ def build_shard_data(cfg, *, rank: int, world_size: int, local_batch: int, seed:
     interpolation = aug.get("interpolation", "bicubic")
     sources = train_sources(cfg)  # first: digits shards (and their tokenizer) are written here when missing
     targets = build_targets(cfg)
-    device_batch = BatchPrep(cfg.image_size, cfg.mean, cfg.std, build_mix(cfg), interpolation)
+    mix = build_mix(cfg)
+    if mix is not None and targets.trained != "label":
+        raise ConfigError(
+            f"data.augment mixup/cutmix mixes class labels; data.targets={cfg.targets!r} trains against "
+            f"{targets.trained}: set data.augment.mixup_alpha=0 data.augment.cutmix_alpha=0"
+        )
+    device_batch = BatchPrep(cfg.image_size, cfg.mean, cfg.std, mix, interpolation, targets.trained)
     eval_batch = BatchPrep(cfg.image_size, cfg.mean, cfg.std, None, interpolation)
     stream = TrainStream(
         sources,

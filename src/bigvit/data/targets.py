@@ -26,6 +26,9 @@ from bigvit.errors import ConfigError
 
 
 class Targets(Protocol):
+    # The batch entry the objective trains against ("label"; captions: "tokens"); the others ride along.
+    trained: str
+
     def read(self, sample: dict) -> dict:
         """This sample's targets as plain values; SampleError (kind "missing" or "decode") when it has none."""
 
@@ -45,6 +48,8 @@ def entry_text(sample: dict, key: str) -> str:
 
 class ClassLabel:
     """One class number per image, from `.cls`."""
+
+    trained = "label"
 
     def read(self, sample: dict) -> dict:
         text = entry_text(sample, "cls")
@@ -86,6 +91,8 @@ def caption_text(sample: dict) -> str:
 class Caption:
     """A caption per image as `tokenizer` ids (tokenized here, in the dataloader worker), and the class
     number when the sample has a `.cls`. Pickles with its tokenizer into every worker."""
+
+    trained = "tokens"
 
     def __init__(self, tokenizer: CaptionTokenizer):
         self.tokenizer = tokenizer

@@ -244,8 +244,9 @@ class BatchPrep:
     """A batch of crops (`crop_batch`) on the device: resized to `size` (filter `interpolation`),
     flipped, normalized to float, then for training batches mixed (seeded by the batch).
 
-    Returns (images float (B, 3, size, size), labels): class numbers (B,), or with `mix` class
-    probabilities (B, K). Evaluation batches take one without `mix`. A call's `size` overrides the
+    Returns (images float (B, 3, size, size), targets): the batch's `target` entry — class numbers (B,),
+    with `mix` class probabilities (B, K); caption tokens (B, L). Evaluation batches take one without
+    `mix`. A call's `size` overrides the
     default (progressive resizing: data/resolution.py).
     """
 
@@ -256,8 +257,9 @@ class BatchPrep:
         std: Sequence[float],
         mix: Mixup | None = None,
         interpolation: str = "bicubic",
+        target: str = "label",
     ):
-        self.size, self.interpolation, self.mix = size, check_filter(interpolation), mix
+        self.size, self.interpolation, self.mix, self.target = size, check_filter(interpolation), mix, target
         std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         self.scale = 1 / (255 * std)
         self.shift = -torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) / std
@@ -269,7 +271,7 @@ class BatchPrep:
         extents, regions, flip = (batch[key].to(device) for key in ("extent", "region", "flip"))
         images = resample(pixels, extents, regions, size or self.size, self.interpolation, flip)
         images = images.mul_(self.scale.to(device)).add_(self.shift.to(device))
-        labels = batch["label"].to(device, non_blocking=True)
+        labels = batch[self.target].to(device, non_blocking=True)
         if self.mix is not None:
             mixed = self.mix({"image": images, "label": labels}, random.Random(int(batch["seed"])))
             images, labels = mixed["image"], mixed["label"]

@@ -1,6 +1,7 @@
 """An image–text model (SigLIP): the ViT as image tower, models/text.py's text tower, and the learnable
 log-temperature t' and bias b of the pairwise sigmoid loss (Zhai et al. 2023), initialised to log 10 and
-−10 as in the paper. The loss itself is an objective (train/siglip.py); this module only embeds.
+−10 as in the paper (model.text.temperature_init, .bias_init). The loss itself is an objective
+(train/siglip.py); this module only embeds.
 """
 
 from __future__ import annotations
@@ -13,9 +14,6 @@ import torch.nn.functional as F
 
 from bigvit.models.text import TextTower
 from bigvit.models.vit import ViT, ViTConfig
-
-LOGIT_SCALE_INIT = math.log(10.0)
-LOGIT_BIAS_INIT = -10.0
 
 
 class TwoTower(nn.Module):
@@ -59,9 +57,9 @@ class TwoTower(nn.Module):
     @torch.no_grad()
     def init_parameter_(self, name: str, tensor: torch.Tensor, generator: torch.Generator) -> None:
         if name == "logit_scale":
-            tensor.fill_(LOGIT_SCALE_INIT)
+            tensor.fill_(math.log(self.cfg.text.temperature_init))
         elif name == "logit_bias":
-            tensor.fill_(LOGIT_BIAS_INIT)
+            tensor.fill_(self.cfg.text.bias_init)
         elif name.startswith("text."):
             self.text.init_parameter_(name.removeprefix("text."), tensor, generator)
         elif name == "image.head.weight":  # a projection, not a classifier: drawn, not zeroed

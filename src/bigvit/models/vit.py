@@ -44,6 +44,10 @@ class TextConfig:
     mlp_dim: int = 3072
     heads: int = 12
     embed_dim: int | None = None  # the shared embedding width; None = the image tower's width
+    # The sigmoid loss's learnable temperature and bias start here (the paper's 10 and −10 suit batches
+    # of ~32k pairs: −log B is the prior of a pair matching; small batches learn faster nearer it).
+    temperature_init: float = 10.0
+    bias_init: float = -10.0
 
     def __post_init__(self):
         for key in ("vocab_size", "context_length", "width", "depth", "mlp_dim", "heads"):
@@ -53,6 +57,8 @@ class TextConfig:
             raise ConfigError(f"model.text.heads={self.heads} does not divide model.text.width={self.width}")
         if self.embed_dim is not None and self.embed_dim <= 0:
             raise ConfigError(f"model.text.embed_dim={self.embed_dim} must be a positive integer or null")
+        if self.temperature_init <= 0:
+            raise ConfigError(f"model.text.temperature_init={self.temperature_init} must be positive")
 
     @classmethod
     def from_dict(cls, values: dict) -> TextConfig:

@@ -67,19 +67,40 @@ def param_breakdown(cfg: ViTConfig) -> dict[str, int]:
     """Parameters by part of the model; the values sum to `param_count(cfg)`.
 
     Keys: embed (patch conv, class token, registers, position embeddings), blocks (all of them),
-    norm (final LayerNorm), map_head (0 unless pool='map'), head (classifier, 0 when num_classes=0).
+    norm (final LayerNorm), map_head (0 unless pool='map'), head (classifier, 0 when num_classes=0;
+    an image–text model's image projection). With a text tower (cfg.text) also: text (token and
+    position embeddings, blocks, final norm, projection) and logit (temperature and bias).
     """
-    w = cfg.width
-    patch_conv = _linear_params(cfg.in_chans * cfg.patch_size**2, w, True)
+    image = image_tower(cfg)
+    w = image.width
+    patch_conv = _linear_params(image.in_chans * image.patch_size**2, w, True)
     # Positions cover the class token and the patches, not the registers (see ViT.__init__).
-    positions = (cfg.num_patches + int(cfg.class_token)) * w
-    return {
-        "embed": patch_conv + cfg.num_prefix_tokens * w + positions,
-        "blocks": cfg.depth * block_param_count(cfg),
-        "norm": _norm_params(cfg, w),
-        "map_head": _map_head_params(cfg) if cfg.pool == "map" else 0,
-        "head": _linear_params(w, cfg.num_classes, True) if cfg.num_classes else 0,
+    positions = (image.num_patches + int(image.class_token)) * w
+    parts = {
+        "embed": patch_conv + image.num_prefix_tokens * w + positions,
+        "blocks": image.depth * block_param_count(image),
+        "norm": _norm_params(image, w),
+        "map_head": _map_head_params(image) if image.pool == "map" else 0,
+        "head": _linear_params(w, image.num_classes, True) if image.num_classes else 0,
     }
+    if cfg.text is not None:
+        text, blocks = cfg.text, cfg.text.blocks(cfg)
+        parts["text"] = (
+            (text.vocab_size + text.context_length) * text.width
+            + text.depth * block_param_count(blocks)
+            + _norm_params(blocks, text.width)
+            + _linear_params(text.width, cfg.embed_dim, True)
+        )
+        parts["logit"] = 2
+    return parts
+
+
+def image_tower(cfg: ViTConfig) -> ViTConfig:
+    """The ViT that embeds images: `cfg` itself, or an image–text model's image tower, whose head is the
+    projection to the shared width (none where that is the tower's own width; models/two_tower.py)."""
+    if cfg.text is None:
+        return cfg
+    return cfg.tower(num_classes=0 if cfg.embed_dim == cfg.width else cfg.embed_dim)
 
 
 def param_count(cfg: ViTConfig) -> int:
@@ -130,25 +151,34 @@ def _map_head_forward_flops(cfg: ViTConfig, tokens: int) -> int:
 def forward_flops_breakdown(
     cfg: ViTConfig, image_size: int | None = None, training: bool = False, sequence_multiple: int = 1
 ) -> dict[str, int]:
-    """Forward FLOPs of one image by part (patch_embed, blocks, map_head, head); they sum to forward_flops.
+    """Forward FLOPs of one image by part (patch_embed, blocks, map_head, head; with a text tower also
+    text_blocks and text_head, for the image's caption); they sum to forward_flops.
 
     `image_size` overrides cfg.image_size: the token count changes, positional embeddings are not
     resampled (interpolation is elementwise and not counted). `training`: the tokens a training forward
     keeps under patch dropout. `sequence_multiple`: as executed with the blocks' sequence padded to a
-    multiple of it (see the module docstring).
+    multiple of it (see the module docstring). A caption is `model.text.context_length` tokens (padded
+    to it, as bigvit's tokenizers do); the loss's image–text similarities depend on the batch and, like
+    the loss, are not counted.
     """
-    cfg = _at_resolution(cfg, image_size)
-    w = cfg.width
-    tokens = cfg.train_tokens if training else cfg.num_tokens
+    image = _at_resolution(image_tower(cfg), image_size)
+    w = image.width
+    tokens = image.train_tokens if training else image.num_tokens
     rows = padded_length(tokens, sequence_multiple)
-    return {
-        "patch_embed": 2 * cfg.num_patches * cfg.in_chans * cfg.patch_size**2 * w,
+    parts = {
+        "patch_embed": 2 * image.num_patches * image.in_chans * image.patch_size**2 * w,
         "blocks": sum(
-            count * block_forward_flops(cfg, tokens, window, rows) for window, count in block_windows(cfg).items()
+            count * block_forward_flops(image, tokens, window, rows) for window, count in block_windows(image).items()
         ),
-        "map_head": _map_head_forward_flops(cfg, tokens) if cfg.pool == "map" else 0,
-        "head": 2 * w * cfg.num_classes,
+        "map_head": _map_head_forward_flops(image, tokens) if image.pool == "map" else 0,
+        "head": 2 * w * image.num_classes,
     }
+    if cfg.text is not None:
+        text, blocks = cfg.text, cfg.text.blocks(cfg)
+        length = text.context_length
+        parts["text_blocks"] = text.depth * block_forward_flops(blocks, length, rows=padded_length(length, sequence_multiple))
+        parts["text_head"] = 2 * text.width * cfg.embed_dim
+    return parts
 
 
 def forward_flops(cfg: ViTConfig, image_size: int | None = None, batch: int = 1) -> int:
@@ -167,5 +197,5 @@ def train_flops(
     backward (2x forward), plus one more forward of the blocks when `recompute` (full activation
     checkpointing); `sequence_multiple` > 1 counts the padding executed (not model FLOPs)."""
     parts = forward_flops_breakdown(cfg, image_size, training=True, sequence_multiple=sequence_multiple)
-    extra = parts["blocks"] if recompute else 0
+    extra = parts["blocks"] + parts.get("text_blocks", 0) if recompute else 0
     return batch * (3 * sum(parts.values()) + extra)

@@ -18,6 +18,7 @@ instead of by applying the layout on a fake process group.
 
 from __future__ import annotations
 
+import json
 import math
 from functools import cache
 
@@ -38,12 +39,12 @@ FP32 = 4
 
 def _named_shapes(cfg: ViTConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """(name, shape) of every parameter, from a meta-device model (no memory; cached per config)."""
-    return _shapes_of(tuple(cfg.to_dict().items()))
+    return _shapes_of(json.dumps(cfg.to_dict(), sort_keys=True))  # hashable, the text tower's section too
 
 
 @cache
-def _shapes_of(items: tuple) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    model = build_model(dict(items), device="meta")
+def _shapes_of(config_json: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    model = build_model(json.loads(config_json), device="meta")
     return tuple((name, tuple(p.shape)) for name, p in model.named_parameters())
 
 

@@ -41,10 +41,11 @@ def compute_flops(cfg: ViTConfig, layout: Layout, images_per_group: int) -> dict
     # As executed: the tokens patch dropout keeps, padded to a multiple of the sequence shards.
     parts = forward_flops_breakdown(cfg, training=True, sequence_multiple=layout.sequence_shards)
     split = layout.dims.tp * layout.dims.cp
+    blocks = parts["blocks"] + parts.get("text_blocks", 0)  # an image–text model's towers split alike
     forward = images_per_group * (
-        (parts["blocks"] + parts["map_head"]) / split + parts["patch_embed"] + parts["head"]
+        (blocks + parts["map_head"]) / split + parts["patch_embed"] + parts["head"] + parts.get("text_head", 0)
     )
-    recompute = images_per_group * parts["blocks"] / split * recompute_share(cfg, layout)
+    recompute = images_per_group * blocks / split * recompute_share(cfg, layout)
     return {"forward": forward, "backward": 2 * forward + recompute}
 
 

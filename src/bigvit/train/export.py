@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
             return
     except (CheckpointError, ConfigError) as error:
         raise SystemExit(f"bigvit: error: {error}") from None
-    export_safetensors(state, args.out, {"model": json.dumps(meta["model"]), "step": meta["step"]})
+    extra = {"tokenizer": meta["tokenizer"]} if meta.get("tokenizer") else {}  # an image–text model's captions
+    export_safetensors(state, args.out, {"model": json.dumps(meta["model"]), "step": meta["step"], **extra})
     print(
         f"wrote {len(state)} {'EMA ' if args.ema else ''}tensors ({sum(t.numel() for t in state.values()):,} parameters) of step "
         f"{meta['step']} to {args.out}"

@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from bigvit.errors import ConfigError
-from bigvit.train.siglip import build_siglip
 
 DISTILLATION = ("none", "soft")
 
@@ -59,6 +58,13 @@ def build_classify(cfg, mesh, dims, device: torch.device) -> Classify:
 
 # objective.name → builder(cfg, mesh, dims, device); a new objective is a module with a builder here and
 # a conf/objective/<name>.yaml.
+def build_siglip(cfg, mesh, dims, device: torch.device):
+    # Imported when chosen: config.py imports this module, and the siglip evaluator imports config.
+    from bigvit.train.siglip import build_siglip as build
+
+    return build(cfg, mesh, dims, device)
+
+
 OBJECTIVES = {"classify": build_classify, "siglip": build_siglip}
 
 

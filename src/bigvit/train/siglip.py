@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.distributed._functional_collectives import all_gather_tensor_autograd
 
 from bigvit.errors import ConfigError
+from bigvit.train.zeroshot import ZeroShotRetrieval
 
 
 def gathered_with_grad(x: torch.Tensor, group) -> tuple[list[torch.Tensor], int]:
@@ -51,6 +52,7 @@ class SigLIP:
 
     def __init__(self, group):
         self.group = group
+        self.evaluator = ZeroShotRetrieval()  # the trainer's evaluation of this objective's model
         self.seen: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def inputs(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple:
@@ -66,6 +68,16 @@ class SigLIP:
             return {}
         temperature, bias = self.seen
         return {"siglip_temperature": temperature.item(), "siglip_bias": bias.item()}
+
+
+def check_vocabulary(tokenizer, text) -> None:
+    """ConfigError unless the text tower (model.text) embeds every id and position the tokenizer produces."""
+    if tokenizer.vocab_size > text.vocab_size or tokenizer.context_length > text.context_length:
+        raise ConfigError(
+            f"the captions' {tokenizer.kind} tokenizer has {tokenizer.vocab_size} tokens of up to "
+            f"{tokenizer.context_length} per caption (data.context_length); model.text.vocab_size="
+            f"{text.vocab_size} and model.text.context_length={text.context_length} must be at least that"
+        )
 
 
 def data_parallel_group(mesh, dims):

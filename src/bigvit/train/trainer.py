@@ -35,6 +35,7 @@ from bigvit.train.metrics import Throughput, live_tensor_bytes, peak_flops, peak
 from bigvit.train.objectives import build_objective
 from bigvit.train.preemption import Preempted, StopSignal, clear_preempted, mark_preempted
 from bigvit.train.scores import add_scores, empty_scores, score_figures
+from bigvit.train.siglip import check_vocabulary
 from bigvit.train.watchdog import StepWatchdog
 
 log = logging.getLogger("bigvit")
@@ -80,6 +81,8 @@ class Trainer:
         self.data = build_data(
             cfg.data, rank=dp_rank, world_size=self.dims.dp, local_batch=self.local_batch, seed=tcfg.seed
         )
+        if self.data.tokenizer is not None and self.model_cfg.text is not None:
+            check_vocabulary(self.data.tokenizer, self.model_cfg.text)
         self.checkpoint_at = set(tcfg.get("checkpoint_at") or ())
         asynchronous = bool(tcfg.get("checkpoint_async", False))
         if asynchronous and not self.engine.saves_async:
@@ -98,6 +101,8 @@ class Trainer:
             cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True), env.is_main
         )
         self.checkpointer.on_complete = self.logger.checkpoint
+        if env.is_main and self.data.tokenizer is not None:  # what turns the run's captions into tokens
+            self.data.tokenizer.save(run_dir / "tokenizer.json")
         self.step = 0
         self.stop = StopSignal(env.device)
         if env.is_main:
@@ -251,7 +256,8 @@ class Trainer:
         """(steps between runs, 0 = only at the end; evaluator) pairs: plain, EMA, few-shot."""
         tcfg, found = self.cfg.trainer, []
         if self.data.make_eval is not None:
-            found.append((tcfg.eval_every, Trainer.classification))
+            # An objective may bring its own evaluation (siglip: zero-shot and retrieval), else top-1.
+            found.append((tcfg.eval_every, getattr(self.objective, "evaluator", None) or Trainer.classification))
             if self.ema is not None:
                 found.append((tcfg.eval_every, EMAEvaluation(self.ema)))
         if tcfg.get("fewshot_every"):
@@ -307,6 +313,8 @@ class Trainer:
             "world_size": self.env.world_size,
             "parallel": OmegaConf.to_container(self.cfg.parallel, resolve=True),
             "ema": self.ema.decay if self.ema is not None else 0.0,  # EMA weights in the checkpoint (--ema)
+            # The captions' tokenizer (JSON) travels with the weights it was trained with (bigvit-export).
+            **({"tokenizer": self.data.tokenizer.to_json()} if self.data.tokenizer is not None else {}),
         }
 
     def save(self) -> None:

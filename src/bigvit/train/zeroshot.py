@@ -1,0 +1,125 @@
+"""Image–text evaluation of a SigLIP model on the held-out split: zero-shot classification from prompts
+alone, and image↔text retrieval.
+
+Zero-shot (CLIP's recipe): each class name goes into every prompt template ("a photo of the digit {}"),
+the texts are embedded, averaged over templates and renormalized; an image's class is the nearest class
+embedding. Top-1 counts the held-out samples that carry a class (`.cls`).
+
+Retrieval: every held-out image against every held-out caption (and back), recall@k = the share of
+queries with a correct item among the k nearest. A retrieved caption is correct when its text equals the
+query image's own caption, and a retrieved image when its caption equals the query text: the held-out
+digits caption every image of a class alike, and on sets with distinct captions this is the usual
+one-to-one matching.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from bigvit.train.fewshot import lockstep_batches
+
+log = logging.getLogger("bigvit")
+
+RECALL_AT = (1, 5)
+QUERY_CHUNK = 1024  # queries scored at a time: the similarity rows held are QUERY_CHUNK × gallery
+
+
+def prompt_tokens(tokenizer, class_names: list[str], templates: list[str]) -> torch.Tensor:
+    """(classes × templates, L) token ids, class-major: every template filled with each class name."""
+    return tokenizer.encode([template.format(name) for name in class_names for template in templates])
+
+
+def class_embeddings(text_embeddings: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(classes × templates, D) normalized prompt embeddings → (classes, D): each class's mean, renormalized."""
+    return F.normalize(text_embeddings.view(num_classes, -1, text_embeddings.shape[-1]).mean(dim=1), dim=-1)
+
+
+def recall_at(similarity_rows, query_ids: torch.Tensor, gallery_ids: torch.Tensor, ks=RECALL_AT) -> dict[int, float]:
+    """{k: share of queries with an item of their id among the k most similar} over (chunk, gallery)
+    similarity rows, chunk by chunk."""
+    hits = dict.fromkeys(ks, 0)
+    start = 0
+    for rows in similarity_rows:
+        top = rows.topk(min(max(ks), rows.shape[1]), dim=1).indices
+        correct = gallery_ids[top] == query_ids[start : start + len(rows), None]
+        for k in ks:
+            hits[k] += int(correct[:, :k].any(dim=1).sum())
+        start += len(rows)
+    return {k: hits[k] / max(len(query_ids), 1) for k in ks}
+
+
+def chunked_similarity(queries: torch.Tensor, gallery: torch.Tensor):
+    for start in range(0, len(queries), QUERY_CHUNK):
+        yield queries[start : start + QUERY_CHUNK] @ gallery.T
+
+
+def retrieval(zimg: torch.Tensor, ztxt: torch.Tensor, captions: torch.Tensor) -> dict[str, float]:
+    """i2t/t2i recall@k of paired embeddings (N, D) whose caption token rows are `captions` (N, L)."""
+    _, caption_ids = torch.unique(captions, dim=0, return_inverse=True)
+    figures = {}
+    for name, queries, gallery in (("i2t", zimg, ztxt), ("t2i", ztxt, zimg)):
+        for k, value in recall_at(chunked_similarity(queries, gallery), caption_ids, caption_ids).items():
+            figures[f"{name}_recall@{k}"] = value
+    return figures
+
+
+def gathered(parts: list[torch.Tensor], contributes: bool) -> torch.Tensor:
+    """This rank's rows (CPU) joined with every other contributing rank's (a collective)."""
+    local = torch.cat(parts) if parts else None
+    if not dist.is_initialized():
+        return local
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, local if contributes else None)  # our own tensors, between our ranks
+    return torch.cat([rows for rows in everyone if rows is not None])
+
+
+class ZeroShotRetrieval:
+    """The siglip objective's evaluator: `zeroshot_top1` (when data.class_names and data.templates are
+    set), `i2t_recall@{1,5}`, `t2i_recall@{1,5}`, and the sample counts."""
+
+    def __call__(self, trainer) -> dict:
+        device, data_cfg, tokenizer = trainer.env.device, trainer.cfg.data, trainer.data.tokenizer
+        forward = trainer.engine.forward
+        names, templates = list(data_cfg.get("class_names") or []), list(data_cfg.get("templates") or [])
+        classes = None
+        if names and templates:
+            _, prompts, _, _ = forward(None, prompt_tokens(tokenizer, names, templates).to(device))
+            classes = class_embeddings(prompts.float(), len(names))
+        images_out, texts_out, captions, labels, filler = [], [], [], [], None
+        for batch in lockstep_batches(trainer.data.make_eval(), device):
+            real = batch is not None
+            batch = batch if real else filler
+            filler = {k: v[:1] for k, v in batch.items() if torch.is_tensor(v)}
+            images, tokens = trainer.data.eval_batch(batch, device)[0], batch["tokens"].to(device)
+            zimg, ztxt, _, _ = forward(images, tokens)
+            if real:
+                images_out.append(zimg.float().cpu())
+                texts_out.append(ztxt.float().cpu())
+                captions.append(batch["tokens"])
+                labels.append(batch["label"])
+        # Ranks of one tp×cp group read the same samples: each group's first rank contributes them.
+        contributes = trainer.env.rank % (trainer.dims.cp * trainer.dims.tp) == 0
+        zimg, ztxt, captions, labels = (
+            gathered(parts, contributes) for parts in (images_out, texts_out, captions, labels)
+        )
+        figures = {**retrieval(zimg, ztxt, captions), "retrieval_samples": len(captions)}
+        if classes is not None:
+            labelled = labels >= 0
+            predicted = (zimg[labelled] @ classes.cpu().T).argmax(dim=1)
+            figures["zeroshot_top1"] = float((predicted == labels[labelled]).float().mean()) if labelled.any() else 0.0
+            figures["zeroshot_samples"] = int(labelled.sum())
+        log.info(
+            "eval step %d | %s| i2t R@1 %.4f | t2i R@1 %.4f | %d pairs",
+            trainer.step,
+            f"zero-shot top-1 {figures['zeroshot_top1']:.4f} ({figures['zeroshot_samples']} labelled) "
+            if "zeroshot_top1" in figures
+            else "",
+            figures["i2t_recall@1"],
+            figures["t2i_recall@1"],
+            figures["retrieval_samples"],
+        )
+        return figures
