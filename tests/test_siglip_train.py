@@ -13,14 +13,13 @@ from tests.helpers import run_train, summary
 from tests.test_captions import write_images
 
 TINY_TOWERS = [
+    "model=siglip_b16",  # its towers' layout (MAP pooling, no class token) at tiny sizes
     "model.depth=1",
     "model.width=32",
     "model.heads=2",
     "model.mlp_dim=64",
     "model.patch_size=4",
-    "model.class_token=false",
-    "model.pool=map",
-    "+model.text={vocab_size: 512, context_length: 16, width: 24, depth: 1, heads: 2, mlp_dim: 48}",
+    *[f"model.text.{k}={v}" for k, v in dict(vocab_size=512, context_length=16, width=24, depth=1, heads=2, mlp_dim=48).items()],
 ]
 
 
