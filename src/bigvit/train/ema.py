@@ -123,13 +123,14 @@ def build_ema(cfg, engine) -> EMA | None:
 
 
 class EMAEvaluation:
-    """The trainer's evaluation of the EMA weights: `ema_top1`, `ema_loss`."""
+    """The trainer's evaluation of the EMA weights, scored as the objective scores the live ones:
+    `ema_top1`, `ema_loss`."""
 
     def __init__(self, ema: EMA):
         self.ema = ema
 
     def __call__(self, trainer) -> dict:
         with self.ema.swapped():
-            scores = trainer.classify()
+            scores = trainer.held_out_scores()  # as the objective scores them
         log.info("eval step %d | EMA top-1 %.4f | loss %.4f", trainer.step, scores["eval_top1"], scores["eval_loss"])
         return {"ema_top1": scores["eval_top1"], "ema_loss": scores["eval_loss"]}

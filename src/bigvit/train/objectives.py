@@ -3,10 +3,12 @@ trainer feeds the model `objective.inputs(images, targets)` and takes `objective
 as the loss, knowing nothing of what either computes.
 
     classify  softmax cross-entropy against class numbers (or mixup's class probabilities)
+    sigmoid   sigmoid binary cross-entropy against multi-hot label sets (train/sigmoid.py)
 
 `distill.name` other than none wraps the base in distillation (train/distill.py), which keeps the base as
 its hard-label term. The targets are what `data.targets` reads (data/targets.py), which each objective's
-config sets.
+config sets. Evaluation on the held-out set follows the objective too: its `evaluator` where it has one,
+else the trainer's softmax top-1 and loss (Trainer.classify).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from bigvit.errors import ConfigError
+from bigvit.train.sigmoid import build_sigmoid
 
 DISTILLATION = ("none", "soft")
 
@@ -32,6 +35,13 @@ class Objective(Protocol):
     def figures(self, image_size: int) -> dict[str, float]:
         """What the objective costs or adds beyond the model, for logs and the summary (e.g. a teacher's
         FLOPs per image at `image_size`); {} for none. Not counted in the model's MFU."""
+
+    # Optional: `evaluator(trainer) -> dict`, the figures of one pass over the held-out set
+    # (trainer.data.make_eval()) with the weights now in the model, each sample counted once across ranks
+    # (trainer.held_out_batches feeds the ranks in lockstep; trainer.summed_over_ranks adds up the sums).
+    # It returns at least "eval_top1", "eval_loss" and "eval_samples" (the console line and EMA's
+    # ema_top1/ema_loss read them) plus any figures of its own; the trainer logs them as eval/<key>, for
+    # the live weights and, with ema.decay > 0, the EMA's. Without one: Trainer.classify (softmax top-1).
 
 
 @dataclass
@@ -57,7 +67,7 @@ def build_classify(cfg, mesh, dims, device: torch.device) -> Classify:
 
 # objective.name → builder(cfg, mesh, dims, device); a new objective is a module with a builder here and
 # a conf/objective/<name>.yaml.
-OBJECTIVES = {"classify": build_classify}
+OBJECTIVES = {"classify": build_classify, "sigmoid": build_sigmoid}
 
 
 def build_objective(cfg, mesh, dims, device: torch.device) -> Objective:
