@@ -8,6 +8,7 @@ list of those into the batch's tensors (`collate`). The image is read by the str
     caption  `.txt` (or the "caption" of `.json`) → "tokens" long (B, data.context_length), ids of
              the run's tokenizer (data/tokenizer.py, `data.tokenizer`); and "label" long (B,) from
              `.cls`, -1 for a sample without one (zero-shot evaluation reads labelled eval shards)
+    labels   `.cls` "3 7" / "3,7" or `.json` {"labels": [3, 7]} → "label" multi-hot float (B, num_classes)
 """
 
 from __future__ import annotations
@@ -127,8 +128,50 @@ def caption_reader(cfg) -> Caption:
     return Caption(tokenizer)
 
 
+class MultiLabel:
+    """A set of class numbers per image (JFT-style, sigmoid training), from `.cls` ("3", "3 7" or "3,7") or,
+    where the sample has no `.cls`, `.json` ({"labels": [3, 7]} or a bare list); a multi-hot row each."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+
+    def read(self, sample: dict) -> dict:
+        if "cls" in sample or "json" not in sample:
+            text = entry_text(sample, "cls")
+            labels = text.replace(",", " ").split()
+        else:
+            text = entry_text(sample, "json")
+            try:
+                labels = json.loads(text)
+            except ValueError as error:
+                raise SampleError(sample, f"has .json {text.strip()[:40]!r}, not JSON") from error
+            labels = labels.get("labels") if isinstance(labels, dict) else labels
+        if not isinstance(labels, list) or not labels:
+            raise SampleError(sample, f"has labels {text.strip()[:40]!r}: expected one class number or more")
+        for label in labels:
+            # bool is an int to Python but never a class number
+            number = label if isinstance(label, int) and not isinstance(label, bool) else None
+            if number is None and isinstance(label, str) and label.lstrip("-").isdigit():
+                number = int(label)
+            if number is None or not 0 <= number < self.num_classes:
+                raise SampleError(
+                    sample, f"has label {label!r}: not a class number in [0, {self.num_classes}) (data.num_classes)"
+                )
+        return {"label": sorted({int(label) for label in labels})}
+
+    def collate(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
+        hot = torch.zeros(len(items), self.num_classes)
+        for row, item in enumerate(items):
+            hot[row, item["label"]] = 1.0
+        return {"label": hot}
+
+
 # data.targets → a reader built from the data config.
-READERS: dict[str, Callable[..., Targets]] = {"class": lambda cfg: ClassLabel(), "caption": caption_reader}
+READERS: dict[str, Callable[..., Targets]] = {
+    "class": lambda cfg: ClassLabel(),
+    "labels": lambda cfg: MultiLabel(int(cfg.num_classes)),
+    "caption": caption_reader,
+}
 
 
 def build_targets(cfg) -> Targets:

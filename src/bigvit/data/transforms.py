@@ -198,8 +198,9 @@ class Mixup:
     are on) with a box of area 1 - lam, lam ~ Beta(cutmix_alpha, cutmix_alpha) then set to the box's
     exact share, or by Mixup with lam ~ Beta(mixup_alpha, mixup_alpha). Labels become class
     probabilities lam * onehot(y_i) + (1 - lam) * onehot(y_(B-1-i)), float (B, num_classes), mixed or
-    not. Label smoothing then applied by the loss (F.cross_entropy's label_smoothing) equals timm's
-    smoothing of each one-hot before mixing: both are linear.
+    not; multi-hot label sets (B, num_classes) mix the same way. Label smoothing then applied by the
+    loss (F.cross_entropy's label_smoothing) equals timm's smoothing of each one-hot before mixing: both
+    are linear.
     """
 
     num_classes: int
@@ -222,7 +223,8 @@ class Mixup:
 
     def __call__(self, batch: dict, rng: random.Random) -> dict:
         images, labels = batch["image"], batch["label"]
-        targets = F.one_hot(labels, self.num_classes).float()
+        # Multi-hot label sets (data.targets=labels) mix the same way: linearly.
+        targets = labels.float() if labels.dim() == 2 else F.one_hot(labels, self.num_classes).float()
         if not self.enabled or rng.random() >= self.prob:
             return {**batch, "label": targets}
         cutmix = self.cutmix_alpha > 0 and (self.mixup_alpha == 0 or rng.random() < self.switch_prob)

@@ -100,6 +100,7 @@ class ViTConfig:
     mlp_dim: int = 3072
     heads: int = 12
     num_classes: int = 1000
+    head_bias_init: float = 0.0  # the classifier's initial bias (sigmoid training: -10, as big_vision's JFT)
     class_token: bool = True
     pool: str = "cls"
     fc_norm: bool = False  # the final norm applies to the pooled feature, not every token (timm's MAE fine-tunes)
@@ -462,6 +463,8 @@ class ViT(nn.Module):
         leaf = name.rsplit(".", 1)[-1]
         if name == "head.weight":
             tensor.zero_()  # zero-init classifier, as big_vision
+        elif name == "head.bias":
+            tensor.fill_(self.cfg.head_bias_init)  # -10 starts sigmoid training with every class unlikely
         elif leaf == "bias":
             tensor.zero_()
         elif leaf == "gamma":

@@ -123,13 +123,20 @@ def build_ema(cfg, engine) -> EMA | None:
 
 
 class EMAEvaluation:
-    """The trainer's evaluation of the EMA weights: `ema_top1`, `ema_loss`."""
+    """The trainer's evaluation of the EMA weights, scored as the objective scores the live ones: each mean
+    figure `eval_X` (or `X`) as `ema_X` (classify: `ema_top1`, `ema_loss`)."""
 
     def __init__(self, ema: EMA):
         self.ema = ema
 
     def __call__(self, trainer) -> dict:
         with self.ema.swapped():
-            scores = trainer.classify()
-        log.info("eval step %d | EMA top-1 %.4f | loss %.4f", trainer.step, scores["eval_top1"], scores["eval_loss"])
-        return {"ema_top1": scores["eval_top1"], "ema_loss": scores["eval_loss"]}
+            scores = trainer.held_out_scores()  # as the objective scores them
+        # eval_top1 → ema_top1, eval_loss → ema_loss; an objective's own figures (zeroshot_top1) → ema_zeroshot_top1.
+        figures = {
+            f"ema_{key.removeprefix('eval_')}": value
+            for key, value in scores.items()
+            if isinstance(value, float) and "/" not in key
+        }
+        log.info("eval step %d | EMA %s", trainer.step, " | ".join(f"{k[4:]} {v:.4f}" for k, v in figures.items()))
+        return figures

@@ -32,7 +32,9 @@ log = logging.getLogger("bigvit")
 
 HEAD = ("head.weight", "head.bias")  # the classifier: its shape follows data.num_classes
 # Model keys that may differ from the weights' own config: the fitting above (or the training recipe) covers them.
-ADAPTABLE = {"name", "image_size", "patch_size", "num_classes", "drop_path", "patch_dropout", "attn_impl"}
+ADAPTABLE = {
+    "name", "image_size", "patch_size", "num_classes", "head_bias_init", "drop_path", "patch_dropout", "attn_impl"
+}
 
 
 def read_weights(path: str | Path, what: str = "weights") -> tuple[dict[str, torch.Tensor], dict | None]:

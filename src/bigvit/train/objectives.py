@@ -3,11 +3,13 @@ trainer feeds the model `objective.inputs(images, targets)` and takes `objective
 as the loss, knowing nothing of what either computes.
 
     classify  softmax cross-entropy against class numbers (or mixup's class probabilities)
+    sigmoid   sigmoid binary cross-entropy against multi-hot label sets (train/sigmoid.py)
     siglip    the pairwise sigmoid loss of image–caption pairs (train/siglip.py), for a TwoTower model
 
 `distill.name` other than none wraps the base in distillation (train/distill.py), which keeps the base as
 its hard-label term. The targets are what `data.targets` reads (data/targets.py), which each objective's
-config sets.
+config sets. Evaluation on the held-out set follows the objective too: its `evaluator` where it has one,
+else the trainer's softmax top-1 and loss (Trainer.classify).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from bigvit.errors import ConfigError
+from bigvit.train.sigmoid import build_sigmoid
 
 DISTILLATION = ("none", "soft")
 
@@ -33,6 +36,14 @@ class Objective(Protocol):
     def figures(self, image_size: int) -> dict[str, float]:
         """What the objective costs or adds beyond the model, for logs and the summary (e.g. a teacher's
         FLOPs per image at `image_size`); {} for none. Not counted in the model's MFU."""
+
+    # Optional: `evaluator(trainer) -> dict`, the figures of one pass over the held-out set
+    # (trainer.data.make_eval()) with the weights now in the model, each sample counted once across ranks
+    # (trainer.held_out_batches feeds the ranks in lockstep; trainer.summed_over_ranks adds up the sums).
+    # It returns its figures (classification-like ones "eval_top1", "eval_loss", "eval_samples"; siglip's
+    # "zeroshot_top1", "i2t_recall@1", ...); the trainer logs them as eval/<key> and on the console, for
+    # the live weights and, with ema.decay > 0, the EMA's (as ema_<key without eval_>). Without one:
+    # Trainer.classify (softmax top-1).
 
 
 @dataclass
@@ -58,6 +69,8 @@ def build_classify(cfg, mesh, dims, device: torch.device) -> Classify:
 
 # objective.name → builder(cfg, mesh, dims, device); a new objective is a module with a builder here and
 # a conf/objective/<name>.yaml.
+
+
 def build_siglip(cfg, mesh, dims, device: torch.device):
     # Imported when chosen: config.py imports this module, and the siglip evaluator imports config.
     from bigvit.train.siglip import build_siglip as build
@@ -65,7 +78,7 @@ def build_siglip(cfg, mesh, dims, device: torch.device):
     return build(cfg, mesh, dims, device)
 
 
-OBJECTIVES = {"classify": build_classify, "siglip": build_siglip}
+OBJECTIVES = {"classify": build_classify, "sigmoid": build_sigmoid, "siglip": build_siglip}
 
 
 def build_objective(cfg, mesh, dims, device: torch.device) -> Objective:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -256,8 +256,7 @@ class Trainer:
         """(steps between runs, 0 = only at the end; evaluator) pairs: plain, EMA, few-shot."""
         tcfg, found = self.cfg.trainer, []
         if self.data.make_eval is not None:
-            # An objective may bring its own evaluation (siglip: zero-shot and retrieval), else top-1.
-            found.append((tcfg.eval_every, getattr(self.objective, "evaluator", None) or Trainer.classification))
+            found.append((tcfg.eval_every, Trainer.classification))
             if self.ema is not None:
                 found.append((tcfg.eval_every, EMAEvaluation(self.ema)))
         if tcfg.get("fewshot_every"):
@@ -266,35 +265,53 @@ class Trainer:
         return found
 
     def classification(self) -> dict:
-        """The plain evaluation of the live weights, logged to the console."""
-        result = self.classify()
-        log.info(
-            "eval step %d | top-1 %.4f | loss %.4f | %d samples | %d bad skipped",
-            self.step,
-            result["eval_top1"],
-            result["eval_loss"],
-            result["eval_samples"],
-            sum(v for k, v in result.items() if k.startswith("skipped_")),
-        )
+        """The plain evaluation of the live weights (as the objective scores them), logged to the console."""
+        result = self.held_out_scores()
+        skipped = sum(v for k, v in result.items() if k.startswith("skipped_"))
+        # The objective's mean figures (sigmoid's precision and recall, siglip's zero-shot and recalls) join
+        # the line; per-label ones ("eval_precision/3") stay in the logs.
+        shown = {
+            key.removeprefix("eval_"): value
+            for key, value in result.items()
+            if isinstance(value, float) and "/" not in key and not key.startswith("skipped_")
+        }
+        if "top1" in shown:  # top-1 and loss first, as they always were
+            shown = {"top-1": shown.pop("top1"), "loss": shown.pop("loss"), **shown}
+        figures = " | ".join(f"{name} {value:.4f}" for name, value in shown.items())
+        samples = result.get("eval_samples", result.get("retrieval_samples", 0))
+        log.info("eval step %d | %s | %d samples | %d bad skipped", self.step, figures, samples, skipped)
         return result
+
+    def held_out_scores(self) -> dict:
+        """The held-out figures of the weights now in the model, as the objective scores them (its
+        `evaluator`: train/objectives.py), else softmax top-1 and loss (classify)."""
+        return (getattr(self.objective, "evaluator", None) or Trainer.classify)(self)
 
     @torch.no_grad()
     def classify(self) -> dict:
         """Top-1 and loss over the whole held-out set with the weights now in the model; every sample counted
-        once across ranks. A rank that has run out of batches feeds an empty-label batch until all are done."""
-        device = self.env.device
-        sums = empty_scores(device)
+        once across ranks."""
+        sums = empty_scores(self.env.device)
         loader = self.data.make_eval()
+        for images, labels in self.held_out_batches(loader):
+            add_scores(sums, self.engine.forward(images).float(), labels)
+        return {**score_figures(self.summed_over_ranks(sums)), **self.skip_counts(loader)}
+
+    def held_out_batches(self, loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(images, labels) on the device of each of this rank's batches of an evaluation pass, in lockstep
+        with the other ranks (sharded forwards are collectives): a rank that has run out feeds a one-row
+        filler batch whose labels are all -1, to count for nothing, until every rank is done."""
         filler = None
-        for batch in lockstep_batches(loader, device):
+        for batch in lockstep_batches(loader, self.env.device):
             if batch is None:
                 batch = filler
-            filler = {**{k: v[:1] for k, v in batch.items() if torch.is_tensor(v)}, "label": torch.full((1,), -1)}
-            images, labels = self.data.eval_batch(batch, device)
-            add_scores(sums, self.engine.forward(images).float(), labels)
-        all_reduce(sums, op="sum")
-        sums /= self.dims.cp * self.dims.tp  # ranks of one cp×tp group scored the same samples
-        return {**score_figures(sums), **self.skip_counts(loader)}
+            filler = {k: v[:1] for k, v in batch.items() if torch.is_tensor(v)}
+            filler["label"] = torch.full_like(filler["label"], -1)
+            yield self.data.eval_batch(batch, self.env.device)
+
+    def summed_over_ranks(self, sums: torch.Tensor) -> torch.Tensor:
+        """Per-rank sums of an evaluation pass → the whole set's (ranks of one cp×tp group scored the same samples)."""
+        return all_reduce(sums, op="sum") / (self.dims.cp * self.dims.tp)
 
     def skip_counts(self, source) -> dict:
         """{"skipped_<kind>": bad shards/samples skipped so far, summed over data-parallel ranks} of shard data."""

@@ -14,15 +14,11 @@ one-to-one matching.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from bigvit.train.fewshot import lockstep_batches
-
-log = logging.getLogger("bigvit")
 
 RECALL_AT = (1, 5)
 QUERY_CHUNK = 1024  # queries scored at a time: the similarity rows held are QUERY_CHUNK × gallery
@@ -112,14 +108,4 @@ class ZeroShotRetrieval:
             predicted = (zimg[labelled] @ classes.cpu().T).argmax(dim=1)
             figures["zeroshot_top1"] = float((predicted == labels[labelled]).float().mean()) if labelled.any() else 0.0
             figures["zeroshot_samples"] = int(labelled.sum())
-        log.info(
-            "eval step %d | %s| i2t R@1 %.4f | t2i R@1 %.4f | %d pairs",
-            trainer.step,
-            f"zero-shot top-1 {figures['zeroshot_top1']:.4f} ({figures['zeroshot_samples']} labelled) "
-            if "zeroshot_top1" in figures
-            else "",
-            figures["i2t_recall@1"],
-            figures["t2i_recall@1"],
-            figures["retrieval_samples"],
-        )
         return figures
