@@ -132,6 +132,8 @@ class MultiLabel:
     """A set of class numbers per image (JFT-style, sigmoid training), from `.cls` ("3", "3 7" or "3,7") or,
     where the sample has no `.cls`, `.json` ({"labels": [3, 7]} or a bare list); a multi-hot row each."""
 
+    trained = "label"
+
     def __init__(self, num_classes: int):
         self.num_classes = num_classes
 
