@@ -231,3 +231,22 @@ def test_text_tower_flops_are_counted_in_training_flops():
     assert parts["text_head"] == 2 * width * width and parts["head"] == 0
     assert train_flops(cfg) == 3 * sum(parts.values())
     assert train_flops(cfg) > train_flops(cfg.tower(num_classes=0))
+
+
+# -- evaluation -------------------------------------------------------------------------------------
+
+
+def test_retrieval_recall_counts_a_caption_equal_to_the_querys_own():
+    from bigvit.train.zeroshot import class_embeddings, retrieval
+
+    eye = torch.eye(4)
+    captions = torch.tensor([[1, 5], [2, 5], [3, 5], [4, 5]])  # four distinct captions
+    swapped = retrieval(eye, eye[[0, 1, 3, 2]], captions)  # images 2 and 3 sit nearest each other's caption
+    assert swapped["i2t_recall@1"] == swapped["t2i_recall@1"] == 0.5
+    assert swapped["i2t_recall@5"] == swapped["t2i_recall@5"] == 1.0
+    # Two images share each caption: either copy is right, and the distinct captions are the gallery.
+    shared = retrieval(eye[[0, 0, 1, 1]], eye[[0, 0, 1, 1]], torch.tensor([[7], [7], [8], [8]]))
+    assert shared["i2t_recall@1"] == shared["t2i_recall@1"] == 1.0 and shared["distinct_captions"] == 2
+    # Zero-shot classes: the mean of each class's prompt embeddings, renormalized.
+    prompts = F.normalize(torch.tensor([[1.0, 0.2], [1.0, -0.2], [0.1, 1.0], [-0.1, 1.0]]), dim=-1)
+    torch.testing.assert_close(class_embeddings(prompts, 2), torch.eye(2))

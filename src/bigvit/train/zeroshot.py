@@ -5,11 +5,11 @@ Zero-shot (CLIP's recipe): each class name goes into every prompt template ("a p
 the texts are embedded, averaged over templates and renormalized; an image's class is the nearest class
 embedding. Top-1 counts the held-out samples that carry a class (`.cls`).
 
-Retrieval: every held-out image against every held-out caption (and back), recall@k = the share of
-queries with a correct item among the k nearest. A retrieved caption is correct when its text equals the
-query image's own caption, and a retrieved image when its caption equals the query text: the held-out
-digits caption every image of a class alike, and on sets with distinct captions this is the usual
-one-to-one matching.
+Retrieval: every held-out image against the held-out captions (each distinct caption once), and every
+caption against the images; recall@k = the share of queries with a correct item among the k nearest. A
+retrieved caption is correct when its text equals the query image's own caption, and a retrieved image
+when its caption equals the query text: the held-out digits caption every image of a class alike, and
+on sets with distinct captions this is the usual one-to-one matching.
 """
 
 from __future__ import annotations
@@ -54,12 +54,20 @@ def chunked_similarity(queries: torch.Tensor, gallery: torch.Tensor):
 
 
 def retrieval(zimg: torch.Tensor, ztxt: torch.Tensor, captions: torch.Tensor) -> dict[str, float]:
-    """i2t/t2i recall@k of paired embeddings (N, D) whose caption token rows are `captions` (N, L)."""
+    """i2t/t2i recall@k of paired embeddings (N, D) whose caption token rows are `captions` (N, L). Images
+    are matched against each distinct caption once (copies of one caption embed alike), captions against
+    every image."""
     _, caption_ids = torch.unique(captions, dim=0, return_inverse=True)
+    distinct = len(caption_ids.unique())
+    first = torch.full((distinct,), len(caption_ids), dtype=torch.long).scatter_reduce(
+        0, caption_ids, torch.arange(len(caption_ids)), reduce="amin"
+    )
     figures = {}
-    for name, queries, gallery in (("i2t", zimg, ztxt), ("t2i", ztxt, zimg)):
-        for k, value in recall_at(chunked_similarity(queries, gallery), caption_ids, caption_ids).items():
+    searches = (("i2t", zimg, ztxt[first], torch.arange(distinct)), ("t2i", ztxt, zimg, caption_ids))
+    for name, queries, gallery, gallery_ids in searches:
+        for k, value in recall_at(chunked_similarity(queries, gallery), caption_ids, gallery_ids).items():
             figures[f"{name}_recall@{k}"] = value
+    figures["distinct_captions"] = distinct
     return figures
 
 
