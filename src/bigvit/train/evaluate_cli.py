@@ -29,7 +29,7 @@ import torch
 from omegaconf import OmegaConf, open_dict
 
 from bigvit.config import check_positive
-from bigvit.data import build_data
+from bigvit.data import build_data, digits_captions
 from bigvit.data.shards import ensure_digits, split_urls
 from bigvit.errors import ConfigError
 from bigvit.models.convert import import_safetensors, safetensors_metadata
@@ -127,7 +127,7 @@ def stored_digits(data_cfg, trained_image_size: int):
     device. As data.kind=digits, another data.image_size would rewrite the shards under data.root."""
     if data_cfg.kind != "digits":
         return data_cfg
-    index = ensure_digits(data_cfg.root, trained_image_size, data_cfg.split_seed)
+    index = ensure_digits(data_cfg.root, trained_image_size, data_cfg.split_seed, digits_captions(data_cfg))
     stored = copy.deepcopy(data_cfg)
     with open_dict(stored):
         stored.kind = "webdataset"
