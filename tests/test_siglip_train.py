@@ -90,3 +90,62 @@ def test_siglip_needs_a_text_tower_and_refuses_what_it_cannot_do(tmp_path):
         check=False,
     )
     assert result.returncode != 0 and "mixup/cutmix mixes class labels" in result.stderr
+
+
+@pytest.mark.slow
+def test_both_towers_train_under_fsdp2_with_activation_checkpointing_and_bf16(tmp_path):
+    """FSDP2's sharding, activation checkpointing and mixed precision reach both towers (2 processes)."""
+    run_dir = tmp_path / "run"
+    run_train(
+        run_dir,
+        [
+            "experiment=siglip_digits",
+            "logger=none",
+            "trainer.max_steps=3",
+            "trainer.eval_every=0",
+            "data.image_size=16",
+            "data.batch_size=16",
+            "parallel.activation_checkpointing=full",
+            "trainer.precision=bf16",
+            *TINY_TOWERS[1:],
+        ],
+        nproc=2,
+    )
+    result = summary(run_dir)
+    assert result["strategy"] == "fsdp" and result["world_size"] == 2
+    assert 0.0 < result["train_loss"] < 50.0 and 0.0 <= result["eval"]["zeroshot_top1"] <= 1.0
+    log = (run_dir / "train.log").read_text()
+    assert "checkpoint step 3" in log
+
+
+@pytest.mark.slow
+def test_siglip_digits_learns_zero_shot_classification_from_prompts(tmp_path):
+    """A small experiment=siglip_digits on 2 FSDP2 processes (the full preset reaches 0.93: closing note of
+    issue 15): zero-shot top-1 from prompts alone well above chance (0.1), retrieval above chance too."""
+    run_dir = tmp_path / "run"
+    run_train(
+        run_dir,
+        [
+            "experiment=siglip_digits",
+            "logger=none",
+            "trainer.max_steps=500",
+            "trainer.eval_every=0",
+            "trainer.checkpoint_every=0",
+            "data.image_size=16",
+            "model.patch_size=4",
+            "model.width=64",
+            "model.depth=2",
+            "model.heads=4",
+            "model.mlp_dim=128",
+            "model.text.width=64",
+            "model.text.depth=2",
+            "schedule.warmup_steps=10",
+            "optim.lr=5e-4",
+        ],
+        nproc=2,
+        timeout=600,
+    )
+    figures = summary(run_dir)["eval"]
+    assert figures["zeroshot_samples"] == figures["retrieval_samples"] == 360
+    assert figures["zeroshot_top1"] >= 0.4  # measured 0.575
+    assert figures["i2t_recall@1"] >= 0.3 and figures["t2i_recall@1"] >= 0.3  # one caption per digit: chance 0.1
