@@ -16,7 +16,7 @@ from bigvit.errors import ConfigError
 from bigvit.optim import decay_start
 from bigvit.scaling.results import append_results, columns, read_results, record_from_run
 from bigvit.scaling.sweep import expand, point_config, point_id
-from tests.helpers import ROOT, TINY, losses, run_train, summary, wait_until
+from tests.helpers import ROOT, TINY, losses, run_train, summary
 
 WSD = [*TINY, "data=synthetic", "parallel=single", "schedule=wsd", "trainer.precision=fp32"]
 
@@ -155,9 +155,16 @@ def test_micro_sweep_resumes_after_an_interruption_then_fits_plots_and_plans(tmp
         scaling_command("sweep", "scaling=micro", f"scaling.dir={sweep_dir}"),
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
-    assert wait_until(lambda: results.is_file() and len(read_results(results)) >= 1, timeout=240)
-    first.send_signal(signal.SIGINT)  # Ctrl-C mid-sweep
-    output = first.communicate(timeout=120)[0]
+    # Ctrl-C once the sweep itself reports its first point (it is then polling the first phase's multirun,
+    # two of whose three points are still to train), not merely once a result is on disk.
+    seen = []
+    for line in first.stdout:
+        seen.append(line)
+        if line.startswith("[1/6 points]"):
+            break
+    assert seen and seen[-1].startswith("[1/6 points]"), "".join(seen)
+    first.send_signal(signal.SIGINT)
+    output = "".join(seen) + first.communicate(timeout=120)[0]
     assert first.returncode == 130, output
     assert "rerun the same command to resume" in output
     done_before = {r["run"] for r in read_results(results)}
