@@ -13,10 +13,12 @@ ranks — of the loss and of the gradients — is exactly L and ∂L.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
-from torch.distributed._functional_collectives import all_gather_tensor_autograd
 
 from bigvit.errors import ConfigError
 from bigvit.train.zeroshot import ZeroShotRetrieval
@@ -26,7 +28,9 @@ def gathered_with_grad(x: torch.Tensor, group) -> tuple[list[torch.Tensor], int]
     """(every rank's `x` in rank order, this rank's index): autograd flows back to each owner."""
     if group is None or dist.get_world_size(group) == 1:
         return [x], 0
-    return list(all_gather_tensor_autograd(x, 0, group).chunk(dist.get_world_size(group))), dist.get_rank(group)
+    with warnings.catch_warnings():  # "deprecated" for the functional collectives, whose autograd
+        warnings.simplefilter("ignore", FutureWarning)  # backward leaves its reduce-scatter unwaited
+        return list(dist_nn.all_gather(x, group=group)), dist.get_rank(group)
 
 
 def sigmoid_pair_loss(
