@@ -250,3 +250,16 @@ def test_retrieval_recall_counts_a_caption_equal_to_the_querys_own():
     # Zero-shot classes: the mean of each class's prompt embeddings, renormalized.
     prompts = F.normalize(torch.tensor([[1.0, 0.2], [1.0, -0.2], [0.1, 1.0], [-0.1, 1.0]]), dim=-1)
     torch.testing.assert_close(class_embeddings(prompts, 2), torch.eye(2))
+
+
+def test_the_planner_plans_siglip_with_its_text_tower_and_no_context_parallelism():
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "bigvit.scaling.plan_cli", "model=siglip_b16", "cluster.gpus=8", "cluster.gpu=h100"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "n/a fsdp_cp2: an image–text model (model.text) does not run under cp=2" in result.stdout
+    assert "recommendation:" in result.stdout and "n/a fsdp_tp2 " not in result.stdout

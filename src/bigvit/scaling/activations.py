@@ -96,6 +96,8 @@ def _check_split(cfg: ViTConfig, layout: ActivationLayout) -> None:
         )
     if cfg.window_size and layout.cp > 1:
         raise ConfigError(f"model.window_size={cfg.window_size} does not run under cp={layout.cp}")
+    if cfg.text is not None and layout.cp > 1:  # as parallel/parallelize.py refuses it
+        raise ConfigError(f"an image–text model (model.text) does not run under cp={layout.cp}")
 
 
 def sequence_shards(layout: ActivationLayout) -> int:
