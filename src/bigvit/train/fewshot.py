@@ -111,6 +111,17 @@ def lockstep_batches(loader: Iterable[dict], device: torch.device) -> Iterator[d
         yield batch
 
 
+def filled_batches(loader: Iterable[dict], device: torch.device) -> Iterator[tuple[dict, bool]]:
+    """(batch, real) for each batch of `lockstep_batches`: once this rank has run out, a one-row copy of its
+    last batch (real=False) stands in for the None, so it still joins every sharded forward."""
+    filler = None
+    for batch in lockstep_batches(loader, device):
+        real = batch is not None
+        batch = batch if real else filler
+        filler = {k: v[:1] for k, v in batch.items() if torch.is_tensor(v)}
+        yield batch, real
+
+
 def image_keys(images: torch.Tensor) -> torch.Tensor:
     """An exact integer fingerprint of each image (its float bits, hashed by an integer dot product that no
     summation order changes): the canonical order of a pass, whatever layout and batches produced it."""
@@ -130,11 +141,8 @@ def collect_features(
     """(features, labels) on the CPU of every sample of a pass, from all ranks (collective), in an order
     that depends on the images only (so seeded draws pick the same samples under any layout). Ranks of one
     `group_size` block (a tp×cp group) see the same samples: only each block's first rank contributes."""
-    features, labels, keys, filler = [], [], [], None
-    for batch in lockstep_batches(loader, device):
-        real = batch is not None
-        batch = batch if real else filler
-        filler = {k: v[:1] for k, v in batch.items() if torch.is_tensor(v)}
+    features, labels, keys = [], [], []
+    for batch, real in filled_batches(loader, device):
         images, batch_labels = prepare(batch, device)
         out = forward(images).float()
         if real:

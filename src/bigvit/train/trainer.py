@@ -28,7 +28,7 @@ from bigvit.train import chaos
 from bigvit.train.checkpoint import Checkpointer, rng_state, set_rng_state
 from bigvit.train.ema import EMAEvaluation, build_ema
 from bigvit.train.engine import build_engine
-from bigvit.train.fewshot import FewShotEvaluation, lockstep_batches
+from bigvit.train.fewshot import FewShotEvaluation, filled_batches
 from bigvit.train.init_weights import load_initial_weights
 from bigvit.train.loggers import build_loggers, console_line
 from bigvit.train.metrics import Throughput, live_tensor_bytes, peak_flops, peak_memory_bytes
@@ -301,12 +301,9 @@ class Trainer:
         """(images, labels) on the device of each of this rank's batches of an evaluation pass, in lockstep
         with the other ranks (sharded forwards are collectives): a rank that has run out feeds a one-row
         filler batch whose labels are all -1, to count for nothing, until every rank is done."""
-        filler = None
-        for batch in lockstep_batches(loader, self.env.device):
-            if batch is None:
-                batch = filler
-            filler = {k: v[:1] for k, v in batch.items() if torch.is_tensor(v)}
-            filler["label"] = torch.full_like(filler["label"], -1)
+        for batch, real in filled_batches(loader, self.env.device):
+            if not real:
+                batch = {**batch, "label": torch.full_like(batch["label"], -1)}
             yield self.data.eval_batch(batch, self.env.device)
 
     def summed_over_ranks(self, sums: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from bigvit.train.fewshot import lockstep_batches
+from bigvit.train.fewshot import filled_batches
 
 RECALL_AT = (1, 5)
 QUERY_CHUNK = 1024  # queries scored at a time: the similarity rows held are QUERY_CHUNK × gallery
@@ -93,11 +93,8 @@ class ZeroShotRetrieval:
         if names and templates:
             _, prompts, _, _ = forward(None, prompt_tokens(tokenizer, names, templates).to(device))
             classes = class_embeddings(prompts.float(), len(names))
-        images_out, texts_out, captions, labels, filler = [], [], [], [], None
-        for batch in lockstep_batches(trainer.data.make_eval(), device):
-            real = batch is not None
-            batch = batch if real else filler
-            filler = {k: v[:1] for k, v in batch.items() if torch.is_tensor(v)}
+        images_out, texts_out, captions, labels = [], [], [], []
+        for batch, real in filled_batches(trainer.data.make_eval(), device):
             images, tokens = trainer.data.eval_batch(batch, device)[0], batch["tokens"].to(device)
             zimg, ztxt, _, _ = forward(images, tokens)
             if real:
