@@ -28,8 +28,8 @@ def gathered_with_grad(x: torch.Tensor, group) -> tuple[list[torch.Tensor], int]
     """(every rank's `x` in rank order, this rank's index): autograd flows back to each owner."""
     if group is None or dist.get_world_size(group) == 1:
         return [x], 0
-    with warnings.catch_warnings():  # "deprecated" for the functional collectives, whose autograd
-        warnings.simplefilter("ignore", FutureWarning)  # backward leaves its reduce-scatter unwaited
+    with warnings.catch_warnings():  # deprecated in favour of the functional collectives; this one is
+        warnings.simplefilter("ignore", FutureWarning)  # synchronous on every backend, gloo included
         return list(dist_nn.all_gather(x, group=group)), dist.get_rank(group)
 
 
