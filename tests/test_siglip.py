@@ -2,6 +2,7 @@
 in every gradient (both towers, temperature, bias), under FSDP2 on 2 and 4 real gloo processes, and no
 rank ever holds a global-batch × global-batch tensor."""
 
+import contextlib
 import os
 
 import pytest
@@ -66,11 +67,27 @@ def loss_and_grads(model, images, tokens, group) -> tuple[torch.Tensor, dict, se
     return loss.detach(), grads, recorder.shapes
 
 
-def distributed_worker(rank: int, world_size: int, port: int, out: str) -> None:
+@contextlib.contextmanager
+def gloo_rank(rank: int, world_size: int, port: int):
+    """This spawned process as `rank` of a gloo process group, torn down after."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         torch.set_num_threads(1)
+        yield
+    finally:
+        teardown()
+
+
+def assert_grads_match(got: dict, grads: dict) -> None:
+    for name, grad in grads.items():
+        # fp32: within 1e-5 of the tensor's gradient scale (some reach ~200 at the initial bias of -10).
+        scale = max(1.0, grad.abs().max().item())
+        torch.testing.assert_close(got[name], grad, rtol=0, atol=1e-5 * scale, msg=name)
+
+
+def distributed_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    with gloo_rank(rank, world_size, port):
         model = bigvit.build_model(TOWERS, device="meta")
         dims = resolve_dims({"dp_shard": -1}, world_size)
         mesh = build_mesh(dims, "cpu")
@@ -83,16 +100,11 @@ def distributed_worker(rank: int, world_size: int, port: int, out: str) -> None:
         full = {name: grad.full_tensor() for name, grad in grads.items()}
         if rank == 0:
             torch.save({"loss": loss / world_size, "grads": full, "shapes": sorted(shapes)}, out)
-    finally:
-        teardown()
 
 
 def tensor_parallel_worker(rank: int, world_size: int, port: int, out: str) -> None:
     """Both towers split over tp=2 ranks with sequence parallel: every rank scores the whole batch."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        torch.set_num_threads(1)
+    with gloo_rank(rank, world_size, port):
         from bigvit.parallel.tensor import apply_tp
 
         model = bigvit.build_model(TOWERS, device="meta")
@@ -103,8 +115,6 @@ def tensor_parallel_worker(rank: int, world_size: int, port: int, out: str) -> N
         full = {name: grad.full_tensor() for name, grad in grads.items()}
         if rank == 0:
             torch.save({"loss": loss, "grads": full, "text_multiple": model.text.token_multiple}, out)
-    finally:
-        teardown()
 
 
 @pytest.fixture(scope="module")
@@ -122,10 +132,7 @@ def test_distributed_sigmoid_loss_and_gradients_equal_one_process(world_size, si
     loss, grads, single_shapes = single
     assert abs(result["loss"].item() - loss.item()) <= 1e-6 * max(1.0, abs(loss.item()))
     assert result["grads"].keys() == grads.keys()
-    for name, grad in grads.items():
-        # fp32: within 1e-5 of the tensor's gradient scale (some reach ~200 at the initial bias of -10).
-        scale = max(1.0, grad.abs().max().item())
-        torch.testing.assert_close(result["grads"][name], grad, rtol=0, atol=1e-5 * scale, msg=name)
+    assert_grads_match(result["grads"], grads)
     # Both towers, the temperature and the bias all learn.
     for name in ("image.blocks.0.attn.qkv.weight", "text.blocks.0.attn.qkv.weight", "logit_scale", "logit_bias"):
         assert grads[name].abs().max() > 1e-6, name
@@ -144,9 +151,7 @@ def test_tensor_parallel_towers_equal_one_process(single, tmp_path):
     loss, grads, _ = single
     assert result["text_multiple"] == 2  # the text tower's tokens are sharded too
     assert abs(result["loss"].item() - loss.item()) <= 1e-6 * max(1.0, abs(loss.item()))
-    for name, grad in grads.items():
-        scale = max(1.0, grad.abs().max().item())
-        torch.testing.assert_close(result["grads"][name], grad, rtol=0, atol=1e-5 * scale, msg=name)
+    assert_grads_match(result["grads"], grads)
 
 
 def test_sigmoid_loss_equals_the_papers_formula():

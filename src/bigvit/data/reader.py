@@ -36,6 +36,11 @@ LOGGED_PER_SHARD = 3
 META_FILE = re.compile(r"__[^/]*__($|/)")
 
 
+def entries(sample: dict) -> list[str]:
+    """The entry names of a raw sample (its keys without WebDataset's `__key__`, `__url__`, ...)."""
+    return sorted(k for k in sample if k[:2] != "__")
+
+
 class SampleError(DataError):
     """A sample that cannot be used; `kind` is one of SKIP_KINDS, `detail` what is wrong with it."""
 

@@ -43,6 +43,7 @@ from bigvit.data.reader import (
     Silent,
     Skips,
     checked_on_error,
+    entries,
     read_units,
     shard_sizes,
 )
@@ -63,7 +64,7 @@ def opened(sample: dict) -> Image.Image:
     if image_key is None:
         raise SampleError(
             sample,
-            f"lacks an image ({'/'.join(IMAGE_EXTENSIONS)}); it has {sorted(k for k in sample if k[:2] != '__')}",
+            f"lacks an image ({'/'.join(IMAGE_EXTENSIONS)}); it has {entries(sample)}",
             kind="missing",
         )
     try:

@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 import webdataset as wds
 
-from bigvit.data.reader import SampleError, is_local
+from bigvit.data.reader import SampleError, entries, is_local
 from bigvit.data.tokenizer import CaptionTokenizer, build_tokenizer
 from bigvit.errors import ConfigError
 
@@ -41,7 +41,7 @@ def entry_text(sample: dict, key: str) -> str:
     """Entry `key` of a raw sample (bytes) as text; a SampleError naming the sample when it is absent."""
     if key not in sample:
         raise SampleError(
-            sample, f"lacks a .{key} entry; it has {sorted(k for k in sample if k[:2] != '__')}", kind="missing"
+            sample, f"lacks a .{key} entry; it has {entries(sample)}", kind="missing"
         )
     value = sample[key]
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
@@ -78,7 +78,7 @@ def caption_text(sample: dict) -> str:
         raw, where = meta["caption"], '.json "caption"'
     else:
         raise SampleError(
-            sample, f"lacks a caption (.txt or .json); it has {sorted(k for k in sample if k[:2] != '__')}", kind="missing"
+            sample, f"lacks a caption (.txt or .json); it has {entries(sample)}", kind="missing"
         )
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)

@@ -269,21 +269,35 @@ def _bv_block(block: dict[str, torch.Tensor], cfg: ViTConfig) -> dict[str, torch
 # -- checks ----------------------------------------------------------------------------------
 
 
+def fit_problems(
+    shapes: dict[str, tuple[int, ...]],
+    expected: dict[str, tuple[int, ...]],
+    kept: set[str] = frozenset(),
+    mismatch: str = "{key} {got} (model: {want})",
+) -> list[str]:
+    """What keeps tensors of `shapes` from loading into a model whose parameters have `expected` shapes:
+    "missing: ...", "unexpected: ...", "shape mismatch: ..." (each `mismatch`-formatted), every key named;
+    [] when they fit. Keys in `kept` (left at the model's own init) may be missing."""
+    missing = sorted(set(expected) - set(shapes) - set(kept))
+    unexpected = sorted(set(shapes) - set(expected))
+    mismatched = [
+        mismatch.format(key=key, got=tuple(shapes[key]), want=tuple(expected[key]))
+        for key in sorted(set(expected) & set(shapes))
+        if tuple(shapes[key]) != tuple(expected[key])
+    ]
+    return [
+        f"{label}: {', '.join(items)}"
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
+        if items
+    ]
+
+
 def check_state_dict(state_dict: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str) -> None:
     """Raise CheckpointError unless `state_dict` has exactly the keys and shapes of `expected` (a model's
     state dict, meta tensors are fine), naming every missing key, unexpected key and shape mismatch."""
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    shapes = [
-        f"{key} {tuple(state_dict[key].shape)} (model: {tuple(expected[key].shape)})"
-        for key in sorted(set(expected) & set(state_dict))
-        if tuple(state_dict[key].shape) != tuple(expected[key].shape)
-    ]
-    problems = [
-        f"{label}: {', '.join(items)}"
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
-        if items
-    ]
+    problems = fit_problems(
+        {k: tuple(v.shape) for k, v in state_dict.items()}, {k: tuple(v.shape) for k, v in expected.items()}
+    )
     if problems:
         raise CheckpointError(f"{source} does not fit the model: {'; '.join(problems)}")
 

@@ -32,6 +32,18 @@ def config_from_dict(cls, values: dict, prefix: str):
     return cls(**values)
 
 
+def check_sizes(cfg, positive: tuple[str, ...], prefix: str) -> None:
+    """ConfigError unless the fields `positive` of `cfg` are positive integers and its heads divide its width."""
+    for key in positive:
+        if int(getattr(cfg, key)) <= 0:
+            raise ConfigError(f"{prefix}{key}={getattr(cfg, key)} must be a positive integer")
+    if cfg.width % cfg.heads:
+        divisors = [h for h in range(1, min(cfg.width, 128) + 1) if cfg.width % h == 0]
+        raise ConfigError(
+            f"{prefix}heads={cfg.heads} does not divide {prefix}width={cfg.width}; valid head counts include {divisors}"
+        )
+
+
 @dataclass
 class TextConfig:
     """The text tower of an image–text model (models/text.py), `model.text.*`: the ViT's pre-LN blocks
@@ -50,11 +62,7 @@ class TextConfig:
     bias_init: float = -10.0
 
     def __post_init__(self):
-        for key in ("vocab_size", "context_length", "width", "depth", "mlp_dim", "heads"):
-            if int(getattr(self, key)) <= 0:
-                raise ConfigError(f"model.text.{key}={getattr(self, key)} must be a positive integer")
-        if self.width % self.heads:
-            raise ConfigError(f"model.text.heads={self.heads} does not divide model.text.width={self.width}")
+        check_sizes(self, ("vocab_size", "context_length", "width", "depth", "mlp_dim", "heads"), "model.text.")
         if self.embed_dim is not None and self.embed_dim <= 0:
             raise ConfigError(f"model.text.embed_dim={self.embed_dim} must be a positive integer or null")
         if self.temperature_init <= 0:
@@ -123,16 +131,7 @@ class ViTConfig:
     def __post_init__(self):
         if isinstance(self.text, dict):
             self.text = TextConfig.from_dict(self.text)
-        positive = ("image_size", "patch_size", "in_chans", "width", "depth", "mlp_dim", "heads")
-        for key in positive:
-            if int(getattr(self, key)) <= 0:
-                raise ConfigError(f"model.{key}={getattr(self, key)} must be a positive integer")
-        if self.width % self.heads:
-            divisors = [h for h in range(1, min(self.width, 128) + 1) if self.width % h == 0]
-            raise ConfigError(
-                f"model.heads={self.heads} does not divide model.width={self.width}; "
-                f"valid head counts include {divisors}"
-            )
+        check_sizes(self, ("image_size", "patch_size", "in_chans", "width", "depth", "mlp_dim", "heads"), "model.")
         if self.image_size % self.patch_size:
             raise ConfigError(
                 f"model.patch_size={self.patch_size} does not divide model.image_size={self.image_size}"

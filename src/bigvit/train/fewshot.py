@@ -122,6 +122,16 @@ def filled_batches(loader: Iterable[dict], device: torch.device) -> Iterator[tup
         yield batch, real
 
 
+def from_each_group(local, group_size: int = 1) -> list:
+    """Every rank's `local` (CPU tensors, None for nothing) from the first rank of each `group_size` block
+    (a tp×cp group, whose ranks saw the same samples), in rank order, on every rank (a collective)."""
+    if not dist.is_initialized():
+        return [local] if local is not None else []
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, local if dist.get_rank() % group_size == 0 else None)  # our own tensors
+    return [part for part in everyone if part is not None]
+
+
 def image_keys(images: torch.Tensor) -> torch.Tensor:
     """An exact integer fingerprint of each image (its float bits, hashed by an integer dot product that no
     summation order changes): the canonical order of a pass, whatever layout and batches produced it."""
@@ -150,11 +160,8 @@ def collect_features(
             features.append(out[keep].cpu())
             labels.append(batch_labels[keep].cpu())
             keys.append(image_keys(images[keep]))
-    parts = [(torch.cat(features), torch.cat(labels), torch.cat(keys))] if features else []
-    if dist.is_initialized():
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, parts if dist.get_rank() % group_size == 0 else [])
-        parts = [part for rank_parts in gathered for part in rank_parts]
+    local = (torch.cat(features), torch.cat(labels), torch.cat(keys)) if features else None
+    parts = from_each_group(local, group_size)
     if not parts:
         return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
     order = torch.cat([p[2] for p in parts]).argsort(stable=True)

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from bigvit.errors import CheckpointError, ConfigError
-from bigvit.models.convert import import_safetensors, safetensors_metadata
+from bigvit.models.convert import fit_problems, import_safetensors, safetensors_metadata
 from bigvit.models.resample import adapt_state_dict
 from bigvit.models.vit import ViTConfig
 from bigvit.parallel.materialize import copy_full_
@@ -99,18 +99,8 @@ def fit_weights(
         else:
             continue
         state.pop(name, None)
-    missing = sorted(set(shapes) - set(state) - kept)
-    unexpected = sorted(set(state) - set(shapes))
-    mismatched = [
-        f"{n} {tuple(state[n].shape)} vs model {tuple(shapes[n])}"
-        for n in sorted(set(state) & set(shapes))
-        if tuple(state[n].shape) != tuple(shapes[n])
-    ]
-    problems = [
-        f"{label}: {', '.join(items)}"
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
-        if items
-    ]
+    given = {name: tuple(tensor.shape) for name, tensor in state.items()}
+    problems = fit_problems(given, shapes, kept, mismatch="{key} {got} vs model {want}")
     if problems:
         raise CheckpointError(
             f"{source} do not fit model {cfg.name!r} (check model=... and its keys): {'; '.join(problems)}"

@@ -11,14 +11,10 @@ precision@1 as eval_top1, the loss, and per-label precision and recall at p = 0.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 
 from bigvit.errors import ConfigError
-
-log = logging.getLogger("bigvit")
 
 
 def multi_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:

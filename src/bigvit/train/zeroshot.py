@@ -15,10 +15,9 @@ on sets with distinct captions this is the usual one-to-one matching.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from bigvit.train.fewshot import filled_batches
+from bigvit.train.fewshot import filled_batches, from_each_group
 
 RECALL_AT = (1, 5)
 QUERY_CHUNK = 1024  # queries scored at a time: the similarity rows held are QUERY_CHUNK × gallery
@@ -71,16 +70,6 @@ def retrieval(zimg: torch.Tensor, ztxt: torch.Tensor, captions: torch.Tensor) ->
     return figures
 
 
-def gathered(parts: list[torch.Tensor], contributes: bool) -> torch.Tensor:
-    """This rank's rows (CPU) joined with every other contributing rank's (a collective)."""
-    local = torch.cat(parts) if parts else None
-    if not dist.is_initialized():
-        return local
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, local if contributes else None)  # our own tensors, between our ranks
-    return torch.cat([rows for rows in everyone if rows is not None])
-
-
 class ZeroShotRetrieval:
     """The siglip objective's evaluator: `zeroshot_top1` (when data.class_names and data.templates are
     set), `i2t_recall@{1,5}`, `t2i_recall@{1,5}`, and the sample counts."""
@@ -103,10 +92,9 @@ class ZeroShotRetrieval:
                 captions.append(batch["tokens"])
                 labels.append(batch["label"])
         # Ranks of one tp×cp group read the same samples: each group's first rank contributes them.
-        contributes = trainer.env.rank % (trainer.dims.cp * trainer.dims.tp) == 0
-        zimg, ztxt, captions, labels = (
-            gathered(parts, contributes) for parts in (images_out, texts_out, captions, labels)
-        )
+        local = tuple(map(torch.cat, (images_out, texts_out, captions, labels))) if captions else None
+        parts = from_each_group(local, trainer.dims.cp * trainer.dims.tp)
+        zimg, ztxt, captions, labels = (torch.cat(column) for column in zip(*parts, strict=True))
         figures = {**retrieval(zimg, ztxt, captions), "retrieval_samples": len(captions)}
         if classes is not None:
             labelled = labels >= 0
